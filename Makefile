@@ -1,0 +1,33 @@
+# The two commands README.md opens with: `make run` and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+CORES  ?= all
+
+.PHONY: install run test bench lint clean-work
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned exactly, so pip takes the CPU wheel on disk
+# instead of resolving a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/snakemake --cores $(CORES)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+lint: install
+	$(BIN)/snakemake --lint
+
+clean-work:
+	rm -rf work results data/synthetic .snakemake

@@ -1,0 +1,111 @@
+"""Load and validate the configuration.
+
+The schema (``config/schema/config.schema.yaml``) is the single source of defaults. Validation
+fills missing keys with them, rejects unknown keys, and reports the first problem as one line
+naming the key, e.g. ``config key 'train.optimizer.lr': -1 is not greater than 0``.
+Runs (``runs.<name>``) are deep-merged over ``train`` and validated as a whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+from pipeline.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema" / "config.schema.yaml"
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills ``default`` values into objects while validating."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+                elif "$ref" in subschema and "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _with_defaults(Draft202012Validator)
+
+
+def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def _key(path) -> str:
+    return ".".join(str(part) for part in path) or "<root>"
+
+
+def _validate(instance: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> None:
+    validator = _DefaultFillingValidator(schema)
+    # Two passes: the first fills defaults, the second reports errors on the completed config.
+    for _ in validator.iter_errors(instance):
+        pass
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        error = errors[0]
+        key = _key(error.absolute_path)
+        if prefix:
+            key = f"{prefix}.{key}" if key != "<root>" else prefix
+        raise ConfigError(f"config key '{key}': {error.message}")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``base`` with ``override`` merged in recursively."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate ``config`` (a copy is returned with defaults filled in)."""
+    schema = schema or load_schema()
+    config = copy.deepcopy(config or {})
+    _validate(config, schema)
+    train_schema = {"$defs": schema["$defs"], **schema["$defs"]["train"]}
+    for name in config["runs"]:
+        resolved = deep_merge(config["train"], config["runs"][name])
+        _validate(resolved, train_schema, prefix=f"runs.{name}")
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, merge ``overrides`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as handle:
+        try:
+            config = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return validate_config(deep_merge(config, overrides or {}))
+
+
+def run_settings(config: dict[str, Any], run: str) -> dict[str, Any]:
+    """The full training settings of ``run``: ``train`` with ``runs[run]`` merged over it."""
+    if run not in config["runs"]:
+        raise ConfigError(f"config key 'runs': no run named {run!r} (known: {', '.join(config['runs'])})")
+    schema = load_schema()
+    resolved = deep_merge(config["train"], config["runs"][run])
+    _validate(resolved, {"$defs": schema["$defs"], **schema["$defs"]["train"]}, prefix=f"runs.{run}")
+    return resolved

@@ -1,0 +1,106 @@
+"""Per-subject stage status: how one bad subject is isolated from the others.
+
+Every per-subject stage declares two outputs to Snakemake: its data file(s) and a status
+JSON ``{work}/qc/{stage}/{sid}.json``. When the subject fails (a :class:`SubjectError`, or an
+unexpected exception), the stage still succeeds from Snakemake's point of view: it writes the
+status with ``"status": "failed"`` and the reason, and leaves an *empty* file (a tombstone) at
+each data output. Downstream stages read the upstream status first and mark the subject
+``"skipped"``; aggregate stages (atlas, train, folds, ...) simply leave it out. The DAG stays
+static (no checkpoints), which keeps ``snakemake -n`` fast at 10,000 subjects, and fixing a raw
+file makes Snakemake reprocess exactly that subject.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import SubjectError
+from pipeline.files import atomic_path, read_json, write_json
+
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+log = logging.getLogger(__name__)
+
+
+def read_status(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a status JSON written by :func:`run_subject_stage`."""
+    return read_json(path)
+
+
+def is_ok(path: str | os.PathLike) -> bool:
+    """True when the status file at ``path`` says the stage succeeded."""
+    return read_status(path).get("status") == OK
+
+
+def first_problem(status_paths: Iterable[str | os.PathLike]) -> dict[str, Any] | None:
+    """The first upstream status that is not ``ok`` (or ``None`` when all are ok)."""
+    for path in status_paths:
+        status = read_status(path)
+        if status.get("status") != OK:
+            return status
+    return None
+
+
+def ok_subjects(status_paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Subject IDs whose status is ``ok``, in the given order."""
+    return [s["sid"] for s in map(read_status, status_paths) if s.get("status") == OK]
+
+
+def _tombstone(paths: Iterable[str | os.PathLike]) -> None:
+    for path in paths:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"")
+
+
+def run_subject_stage(
+    *,
+    sid: str,
+    stage: str,
+    status_path: str | os.PathLike,
+    outputs: Iterable[str | os.PathLike],
+    work: Callable[[], dict[str, Any] | None],
+    upstream: Iterable[str | os.PathLike] = (),
+) -> dict[str, Any]:
+    """Run one subject through one stage with failure isolation.
+
+    Args:
+        sid: subject ID.
+        stage: stage name recorded in the status.
+        status_path: where to write the status JSON.
+        outputs: data files the stage must leave behind (tombstoned on failure).
+        work: does the stage's work and writes ``outputs`` atomically; returns QC metrics.
+        upstream: status JSONs of the stages this one depends on.
+
+    Returns:
+        The status dict that was written.
+    """
+    outputs = [Path(p) for p in outputs]
+    problem = first_problem(upstream)
+    if problem is not None:
+        origin = problem.get("failed_stage") or problem.get("stage")
+        status = {"sid": sid, "stage": stage, "status": SKIPPED, "failed_stage": origin,
+                  "reason": problem.get("reason", "upstream stage failed")}
+        log.warning("subject %s [%s]: skipped, %s failed: %s", sid, stage, origin, status["reason"])
+    else:
+        try:
+            metrics = work() or {}
+            status = {"sid": sid, "stage": stage, "status": OK, **metrics}
+        except SubjectError as error:
+            status = {"sid": sid, "stage": stage, "status": FAILED, "failed_stage": stage, "reason": error.reason}
+            log.error("subject %s [%s]: %s", sid, stage, error.reason)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - a bug or unreadable data must not stop other subjects
+            reason = f"unexpected {type(error).__name__}: {error}"
+            status = {"sid": sid, "stage": stage, "status": FAILED, "failed_stage": stage,
+                      "reason": " ".join(reason.split())}
+            log.error("subject %s [%s]: %s\n%s", sid, stage, status["reason"], traceback.format_exc())
+    if status["status"] != OK:
+        _tombstone(outputs)
+    write_json(status_path, status)
+    return status
