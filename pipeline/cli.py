@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "baseline": ("pipeline.baselines", "build a baseline feature table (densitometry, oracle)", None),
     "folds": ("pipeline.folds", "make the cross-validation folds shared by every run", "evaluate"),
     "evaluate": ("pipeline.evaluate", "cross-validated outcome heads on one feature table", "evaluate"),
-    "report": ("pipeline.report", "write the HTML outcome report", "report"),
+    "report": ("pipeline.report", "write the HTML outcome report", None),
 }
 
 

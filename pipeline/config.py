@@ -18,6 +18,7 @@ from jsonschema import Draft202012Validator, validators
 
 from pipeline.errors import ConfigError
 
+RESERVED_RUN_NAMES = ("densitometry", "oracle")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema" / "config.schema.yaml"
 
 
@@ -81,9 +82,24 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _validate(config, schema)
     train_schema = {"$defs": schema["$defs"], **schema["$defs"]["train"]}
     for name in config["runs"]:
+        if name in RESERVED_RUN_NAMES:
+            raise ConfigError(f"config key 'runs.{name}': {name!r} is reserved for a baseline feature set")
         resolved = deep_merge(config["train"], config["runs"][name])
         _validate(resolved, train_schema, prefix=f"runs.{name}")
+    _check_synthetic_paths(config)
     return config
+
+
+def _check_synthetic_paths(config: dict[str, Any]) -> None:
+    """With the synthetic source, the cohort files must be the generator's outputs."""
+    if config["cohort"]["source"] != "synthetic":
+        return
+    out_dir = Path(config["synthetic"]["out_dir"])
+    for key, name in (("manifest", "subjects.tsv"), ("phenotypes", "phenotypes.tsv"), ("truth", "truth.tsv")):
+        value = config["cohort"][key]
+        if value is not None and Path(value) != out_dir / name:
+            raise ConfigError(f"config key 'cohort.{key}': with source synthetic it must be "
+                              f"{out_dir / name} (synthetic.out_dir/{name}), not {value}")
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

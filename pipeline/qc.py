@@ -1,0 +1,84 @@
+"""Stage ``qc``: one row per subject with its overall status and, when it failed, where and why.
+
+Rows come from the manifest rejections (status ``rejected``) and from the per-stage status
+JSONs of every accepted subject (status ``ok`` or ``failed``). Scalar QC metrics recorded by the
+stages (Dice, lung volume, HU percentiles, ...) are added as ``<stage>_<metric>`` columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import write_text
+from pipeline.layout import Layout
+from pipeline.status import OK, read_status
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "lung", "register", "patches")
+_STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subjects", required=True, help="screened subjects TSV (work/subjects.tsv)")
+    parser.add_argument("--rejects", required=True, help="manifest rejections TSV")
+    parser.add_argument("--work", default="work", help="work directory (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="QC table to write (results/qc.tsv)")
+
+
+def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
+    """Overall QC row of one subject from its per-stage status files (missing = not run)."""
+    row: dict[str, Any] = {"sid": sid, "status": OK, "failed_stage": "", "reason": ""}
+    for stage in stages:
+        path = layout.status(stage, sid)
+        if not path.exists():
+            row.update(status="incomplete", failed_stage=stage, reason="stage has not run")
+            break
+        status = read_status(path)
+        for key, value in status.items():
+            if key not in _STATUS_KEYS and isinstance(value, (int, float, str, bool)):
+                row[f"{stage}_{key}"] = value
+        if status.get("status") != OK:
+            row.update(status="failed", failed_stage=status.get("failed_stage") or stage,
+                       reason=status.get("reason", ""))
+            break
+    return row
+
+
+def qc_rows(subjects: list[str], rejects: list[dict[str, str]], layout: Layout) -> list[dict[str, Any]]:
+    rows = [{"sid": r["sid"], "status": "rejected", "failed_stage": "manifest", "reason": r["reason"]} for r in rejects]
+    rows += [subject_row(sid, layout) for sid in subjects]
+    return rows
+
+
+def to_tsv(rows: list[dict[str, Any]]) -> str:
+    columns = ["sid", "status", "failed_stage", "reason"]
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t", lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _read_tsv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def run(args: argparse.Namespace) -> int:
+    layout = Layout(work=args.work)
+    subjects = [row["sid"] for row in _read_tsv(args.subjects)]
+    rows = qc_rows(subjects, _read_tsv(args.rejects), layout)
+    write_text(args.out, to_tsv(rows))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    log.info("QC: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return 0

@@ -1,0 +1,25 @@
+# Classical lung segmentation (no downloaded weights) and CT densitometry.
+
+
+rule lung:
+    input:
+        ct=LAYOUT.ct("{sid}"),
+        upstream=LAYOUT.status("ingest", "{sid}"),
+    output:
+        lung=LAYOUT.lung("{sid}"),
+        density=LAYOUT.density("{sid}"),
+        status=LAYOUT.status("lung", "{sid}"),
+    log:
+        LAYOUT.logs("lung", "{sid}"),
+    benchmark:
+        LAYOUT.benchmark("lung", "{sid}")
+    params:
+        settings=settings("lung"),
+    group:
+        "preprocess"
+    conda:
+        "../../environment.yml"
+    shell:
+        "copdssl lung --sid {wildcards.sid} --ct {input.ct:q} --upstream {input.upstream:q}"
+        " --out {output.lung:q} --density {output.density:q} --status {output.status:q}"
+        " --settings {params.settings:q} --log {log:q}"

@@ -1,0 +1,32 @@
+# The outcome report: results/report.html plus its figures, also exposed to `snakemake --report`.
+
+
+rule report:
+    input:
+        metrics=[LAYOUT.metrics(n, p) for n, p in EVALUATIONS],
+        predictions=[LAYOUT.predictions(n, p) for n, p in EVALUATIONS],
+        histories=[LAYOUT.history(run) for run in RUNS],
+        qc=LAYOUT.qc_table(),
+        folds=LAYOUT.folds(),
+        grid=LAYOUT.grid(),
+        transforms=[LAYOUT.transform(sid) for sid in SIDS],
+        preview=rules.cohort_preview.output if SYNTHETIC else [],
+    output:
+        html=LAYOUT.report(),
+        **{
+            name: report(path, caption=f"captions/{name.split('_')[0]}.rst", category="Outcomes")
+            for name, path in report_figures().items()
+        },
+    log:
+        LAYOUT.logs("report"),
+    benchmark:
+        LAYOUT.benchmark("report")
+    params:
+        work=LAYOUT.work,
+        results=LAYOUT.results,
+        settings=json.dumps(config, sort_keys=True),
+    conda:
+        "../../environment.yml"
+    shell:
+        "copdssl report --work {params.work:q} --results {params.results:q} --out {output.html:q}"
+        " --settings {params.settings:q} --log {log:q}"

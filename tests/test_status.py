@@ -1,0 +1,80 @@
+"""Failure isolation: a failing subject records its reason and tombstones, downstream skips it."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline.errors import SubjectError
+from pipeline.files import atomic_path, write_json, write_npy
+from pipeline.status import FAILED, OK, SKIPPED, first_problem, ok_subjects, run_subject_stage
+
+
+def test_ok_stage_records_metrics_and_keeps_outputs(tmp_path):
+    out = tmp_path / "a.npy"
+    status = run_subject_stage(sid="S1", stage="ingest", status_path=tmp_path / "s.json", outputs=[out],
+                               work=lambda: (write_npy(out, np.arange(3)), {"n": 3})[1])
+    assert status == {"sid": "S1", "stage": "ingest", "status": OK, "n": 3}
+    assert json.loads((tmp_path / "s.json").read_text())["n"] == 3
+    assert np.load(out).tolist() == [0, 1, 2]
+
+
+def test_subject_error_is_recorded_with_tombstones(tmp_path, caplog):
+    out1, out2 = tmp_path / "ct.nii.gz", tmp_path / "sub" / "x.json"
+
+    def work():
+        out1.write_bytes(b"partial")  # a stage that wrote something before failing
+        raise SubjectError("S2", "truncated or corrupt NIfTI: unexpected end of file", "ingest")
+
+    with caplog.at_level(logging.ERROR):
+        status = run_subject_stage(sid="S2", stage="ingest", status_path=tmp_path / "s.json",
+                                   outputs=[out1, out2], work=work)
+    assert status["status"] == FAILED and status["failed_stage"] == "ingest"
+    assert status["reason"] == "truncated or corrupt NIfTI: unexpected end of file"
+    assert out1.stat().st_size == 0 and out2.stat().st_size == 0
+    assert "subject S2 [ingest]: truncated or corrupt NIfTI" in caplog.text
+
+
+def test_unexpected_exception_is_isolated(tmp_path):
+    status = run_subject_stage(sid="S3", stage="lung", status_path=tmp_path / "s.json", outputs=[tmp_path / "o"],
+                               work=lambda: 1 / 0)
+    assert status["status"] == FAILED
+    assert status["reason"].startswith("unexpected ZeroDivisionError")
+
+
+def test_downstream_of_a_failure_is_skipped_without_running(tmp_path):
+    write_json(tmp_path / "up.json", {"sid": "S4", "stage": "ingest", "status": FAILED,
+                                      "failed_stage": "ingest", "reason": "modality MR is not CT"})
+    ran = []
+    status = run_subject_stage(sid="S4", stage="lung", status_path=tmp_path / "lung.json",
+                               outputs=[tmp_path / "lung.nii.gz"], upstream=[tmp_path / "up.json"],
+                               work=lambda: ran.append(1))
+    assert not ran
+    assert status["status"] == SKIPPED and status["failed_stage"] == "ingest"
+    assert status["reason"] == "modality MR is not CT"
+    # and the skip propagates with the original cause
+    status2 = run_subject_stage(sid="S4", stage="register", status_path=tmp_path / "reg.json",
+                                outputs=[tmp_path / "t.tfm"], upstream=[tmp_path / "lung.json"], work=lambda: {})
+    assert status2["failed_stage"] == "ingest"
+
+
+def test_status_helpers(tmp_path):
+    paths = []
+    for sid, state in [("A", OK), ("B", FAILED), ("C", OK)]:
+        paths.append(tmp_path / f"{sid}.json")
+        write_json(paths[-1], {"sid": sid, "status": state, "reason": "x" if state != OK else None})
+    assert ok_subjects(paths) == ["A", "C"]
+    assert first_problem(paths)["sid"] == "B"
+    assert first_problem([paths[0], paths[2]]) is None
+
+
+def test_atomic_path_leaves_target_untouched_on_error(tmp_path):
+    target = tmp_path / "out.npy"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy"]
