@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
 	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,slurm]'
+	@# Byte-compile once: per-subject jobs start a fresh Python each, and with
+	@# PYTHONDONTWRITEBYTECODE set they would otherwise recompile torch/monai/... every time.
+	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1
 	touch $@
 
 # Rules call the `copdssl` CLI, so the environment's bin/ goes first on PATH.

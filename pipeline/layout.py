@@ -35,12 +35,20 @@ class Layout:
         """Per-subject status JSON of one stage (see :mod:`pipeline.status`)."""
         return self.work / "qc" / stage / f"{sid}.json"
 
+    def stage_table(self, stage: str) -> Path:
+        """Cohort-level table of one stage's statuses (sid, status, failed_stage, reason).
+
+        Aggregate rules depend on this one file instead of on thousands of status files, which
+        keeps the Snakemake DAG fast at 10,000 subjects.
+        """
+        return self.work / "qc" / f"{stage}.tsv"
+
     def qc_table(self) -> Path:
         return self.results / "qc.tsv"
 
     # ---- preprocessing ------------------------------------------------------------------
     def ct(self, sid: str) -> Path:
-        """Ingested CT: int16 HU, canonical (RAS) orientation, isotropic spacing."""
+        """Ingested CT: int16 HU, canonical orientation (identity direction, ITK LPS), isotropic spacing."""
         return self.work / "ct" / f"{sid}.nii.gz"
 
     def lung(self, sid: str) -> Path:
@@ -85,9 +93,13 @@ class Layout:
     def graph_history(self, run: str) -> Path:
         return self.run_dir(run) / "graph_history.tsv"
 
+    def embeddings_dir(self, run: str) -> Path:
+        """Directory of a run's patch embeddings (the declared output of ``embed``)."""
+        return self.run_dir(run) / "embeddings"
+
     def embedding(self, run: str, sid: str) -> Path:
         """float32 [P, D] pre-projection patch features."""
-        return self.run_dir(run) / "embeddings" / f"{sid}.npy"
+        return self.embeddings_dir(run) / f"{sid}.npy"
 
     def features(self, run: str, pooling: str) -> Path:
         """Subject-level features: one row per subject, columns sid, f0..f{D-1}."""

@@ -26,9 +26,11 @@ _STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", required=True, help="screened subjects TSV (work/subjects.tsv)")
-    parser.add_argument("--rejects", required=True, help="manifest rejections TSV")
+    parser.add_argument("--rejects", help="manifest rejections TSV (for the full QC table)")
+    parser.add_argument("--stage", choices=STAGES,
+                        help="write only this stage's status table (work/qc/<stage>.tsv) instead of the full QC table")
     parser.add_argument("--work", default="work", help="work directory (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="QC table to write (results/qc.tsv)")
+    parser.add_argument("--out", required=True, help="table to write (results/qc.tsv or work/qc/<stage>.tsv)")
 
 
 def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
@@ -48,6 +50,26 @@ def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
                        reason=status.get("reason", ""))
             break
     return row
+
+
+def stage_rows(subjects: list[str], stage: str, layout: Layout) -> list[dict[str, Any]]:
+    """One row per subject with its status in ``stage`` (the cohort-level stage table)."""
+    rows = []
+    for sid in subjects:
+        status = read_status(layout.status(stage, sid))
+        rows.append({"sid": sid, "status": status.get("status"), "failed_stage": status.get("failed_stage") or "",
+                     "reason": status.get("reason") or ""})
+    return rows
+
+
+def read_stage_table(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a stage table written by ``copdssl qc --stage``."""
+    return _read_tsv(path)
+
+
+def ok_sids(path: str | Path) -> list[str]:
+    """Subjects whose status in a stage table is ``ok``, in table order."""
+    return [row["sid"] for row in _read_tsv(path) if row["status"] == OK]
 
 
 def qc_rows(subjects: list[str], rejects: list[dict[str, str]], layout: Layout) -> list[dict[str, Any]]:
@@ -75,7 +97,11 @@ def _read_tsv(path: str | Path) -> list[dict[str, str]]:
 def run(args: argparse.Namespace) -> int:
     layout = Layout(work=args.work)
     subjects = [row["sid"] for row in _read_tsv(args.subjects)]
-    rows = qc_rows(subjects, _read_tsv(args.rejects), layout)
+    if args.stage:
+        rows = stage_rows(subjects, args.stage, layout)
+    else:
+        rejects = _read_tsv(args.rejects) if args.rejects else []
+        rows = qc_rows(subjects, rejects, layout)
     write_text(args.out, to_tsv(rows))
     counts: dict[str, int] = {}
     for row in rows:

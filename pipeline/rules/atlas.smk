@@ -4,8 +4,7 @@
 rule atlas:
     input:
         subjects=LAYOUT.subjects(),
-        lungs=[LAYOUT.lung(sid) for sid in SIDS],
-        statuses=all_statuses("lung"),
+        lungs=LAYOUT.stage_table("lung"),
     output:
         atlas=LAYOUT.atlas_mask(),
         grid=LAYOUT.grid(),

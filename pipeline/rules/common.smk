@@ -102,7 +102,7 @@ def pool_inputs(wildcards):
     inputs = {
         "subjects": LAYOUT.subjects(),
         "grid": LAYOUT.grid(),
-        "embeddings": [LAYOUT.embedding(wildcards.run, sid) for sid in SIDS],
+        "embeddings": LAYOUT.embeddings_dir(wildcards.run),
     }
     if wildcards.pooling == "gnn":
         inputs["graph"] = LAYOUT.graph_model(wildcards.run)

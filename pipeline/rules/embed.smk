@@ -5,10 +5,9 @@ rule embed:
     input:
         encoder=LAYOUT.encoder("{run}"),
         subjects=LAYOUT.subjects(),
-        patches=[LAYOUT.patches(sid) for sid in SIDS],
-        statuses=all_statuses("patches"),
+        patches=LAYOUT.stage_table("patches"),
     output:
-        [LAYOUT.embedding("{run}", sid) for sid in SIDS],
+        directory(LAYOUT.embeddings_dir("{run}")),
     log:
         LAYOUT.logs("embed", "{run}"),
     benchmark:

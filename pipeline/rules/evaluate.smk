@@ -5,7 +5,7 @@ rule folds:
     input:
         subjects=LAYOUT.subjects(),
         phenotypes=PHENOTYPES,
-        statuses=all_statuses("patches"),
+        patches=LAYOUT.stage_table("patches"),
     output:
         LAYOUT.folds(),
     log:

@@ -14,8 +14,6 @@ rule ingest:
     params:
         settings=settings("ingest"),
         format=subject_format,
-    group:
-        "preprocess"
     conda:
         "../../environment.yml"
     shell:

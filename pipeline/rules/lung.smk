@@ -15,8 +15,6 @@ rule lung:
         LAYOUT.benchmark("lung", "{sid}")
     params:
         settings=settings("lung"),
-    group:
-        "preprocess"
     conda:
         "../../environment.yml"
     shell:

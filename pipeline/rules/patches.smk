@@ -16,8 +16,6 @@ rule patches:
         LAYOUT.benchmark("patches", "{sid}")
     params:
         settings=settings("patches"),
-    group:
-        "register"
     conda:
         "../../environment.yml"
     shell:

@@ -22,8 +22,7 @@ rule pool:
 rule baseline_densitometry:
     input:
         subjects=LAYOUT.subjects(),
-        density=[LAYOUT.density(sid) for sid in SIDS],
-        statuses=all_statuses("patches"),
+        patches=LAYOUT.stage_table("patches"),
     output:
         LAYOUT.baseline_features("densitometry"),
     log:
@@ -45,7 +44,7 @@ if TRUTH:
         input:
             subjects=LAYOUT.subjects(),
             truth=TRUTH,
-            statuses=all_statuses("patches"),
+            patches=LAYOUT.stage_table("patches"),
         output:
             LAYOUT.baseline_features("oracle"),
         log:

@@ -1,13 +1,34 @@
-# One row per subject: ok, or the stage that failed and why (manifest rejections included).
+# Quality control: one status table per per-subject stage (what aggregate rules depend on, so the
+# DAG stays small at 10,000 subjects) and the overall QC table, one row per subject: ok, or the
+# stage that failed and why (manifest rejections included).
 
-QC_STAGES = ["ingest", "lung", "register", "patches"]
+
+rule stage_table:
+    input:
+        subjects=LAYOUT.subjects(),
+        statuses=lambda w: all_statuses(w.stage),
+    output:
+        LAYOUT.stage_table("{stage}"),
+    log:
+        LAYOUT.logs("qc", "{stage}"),
+    benchmark:
+        LAYOUT.benchmark("qc", "{stage}")
+    params:
+        work=LAYOUT.work,
+    wildcard_constraints:
+        stage="|".join(QC_STAGES),
+    conda:
+        "../../environment.yml"
+    shell:
+        "copdssl qc --stage {wildcards.stage} --subjects {input.subjects:q} --work {params.work:q}"
+        " --out {output:q} --log {log:q}"
 
 
 rule qc:
     input:
         subjects=LAYOUT.subjects(),
         rejects=LAYOUT.manifest_rejects(),
-        statuses=[LAYOUT.status(stage, sid) for stage in QC_STAGES for sid in SIDS],
+        stages=[LAYOUT.stage_table(stage) for stage in QC_STAGES],
     output:
         report(LAYOUT.qc_table(), caption="captions/qc.rst", category="Quality control"),
     log:

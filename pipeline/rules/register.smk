@@ -15,8 +15,6 @@ rule register:
         LAYOUT.benchmark("register", "{sid}")
     params:
         settings=settings("register"),
-    group:
-        "register"
     conda:
         "../../environment.yml"
     shell:

@@ -9,7 +9,6 @@ rule report:
         qc=LAYOUT.qc_table(),
         folds=LAYOUT.folds(),
         grid=LAYOUT.grid(),
-        transforms=[LAYOUT.transform(sid) for sid in SIDS],
         preview=rules.cohort_preview.output if SYNTHETIC else [],
     output:
         html=LAYOUT.report(),

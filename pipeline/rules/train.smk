@@ -10,8 +10,7 @@ rule train:
     input:
         subjects=LAYOUT.subjects(),
         grid=LAYOUT.grid(),
-        patches=[LAYOUT.patches(sid) for sid in SIDS],
-        statuses=all_statuses("patches"),
+        patches=LAYOUT.stage_table("patches"),
     output:
         encoder=LAYOUT.encoder("{run}"),
         history=LAYOUT.history("{run}"),
@@ -37,7 +36,7 @@ rule train_graph:
     input:
         subjects=LAYOUT.subjects(),
         grid=LAYOUT.grid(),
-        embeddings=lambda w: [LAYOUT.embedding(w.run, sid) for sid in SIDS],
+        embeddings=LAYOUT.embeddings_dir("{run}"),
     output:
         model=LAYOUT.graph_model("{run}"),
         history=LAYOUT.graph_history("{run}"),

@@ -1,0 +1,141 @@
+"""Stage ``ingest``: one raw CT (NIfTI file or DICOM series) → ``work/ct/{sid}.nii.gz``.
+
+The raw image is read as Hounsfield units (:mod:`pipeline.ct_io`), checked for plausibility,
+reoriented to the canonical identity direction (LPS) and linearly resampled to isotropic
+``ingest.spacing_mm``; the result is written as int16 NIfTI, atomically. The status JSON
+(``work/qc/ingest/{sid}.json``) holds QC values: source format, original shape, spacing and
+orientation, output shape and spacing, HU percentiles of the output and, for DICOM, the
+manufacturer, model, kernel, kVp and slice thickness. No patient tag is ever copied.
+
+A bad subject (corrupt file, missing slice, not CT, ...) gives a ``failed`` status with a
+one-line reason and an empty tombstone at the output; the command still exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGE = "ingest"
+HU_PERCENTILES = (1, 5, 50, 95, 99)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sid", required=True, help="subject ID")
+    parser.add_argument("--image", required=True, help="NIfTI file or DICOM series directory")
+    parser.add_argument("--format", required=True, choices=("nifti", "dicom"), help="raw image format")
+    parser.add_argument("--out", required=True, help="output CT (.nii.gz): int16 HU, canonical, isotropic")
+    parser.add_argument("--status", required=True, help="status/QC JSON")
+
+
+def ingest_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """Check the ``ingest`` config section and return the keyword arguments of :func:`ingest_subject`."""
+    options: dict[str, Any] = {}
+    for key, kind in (("spacing_mm", float), ("spacing_tolerance", float), ("min_slices", int)):
+        if key not in settings:
+            raise ConfigError(f"config key 'ingest.{key}' is missing")
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ConfigError(f"config key 'ingest.{key}': {value!r} is not a {kind.__name__}")
+        options[key] = kind(value)
+    if not options["spacing_mm"] > 0:
+        raise ConfigError(f"config key 'ingest.spacing_mm': {options['spacing_mm']} is not greater than 0")
+    if options["spacing_tolerance"] < 0:
+        raise ConfigError(f"config key 'ingest.spacing_tolerance': {options['spacing_tolerance']} is less than 0")
+    if options["min_slices"] < 1:
+        raise ConfigError(f"config key 'ingest.min_slices': {options['min_slices']} is less than 1")
+    return options
+
+
+def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, spacing_mm: float = 1.0,
+                   spacing_tolerance: float = 0.05, min_slices: int = 16) -> dict[str, Any]:
+    """Read, check, reorient and resample one raw CT and write it to ``out``.
+
+    Args:
+        sid: subject ID (error messages).
+        image: NIfTI file (``fmt="nifti"``) or DICOM series directory (``fmt="dicom"``).
+        fmt: ``"nifti"`` or ``"dicom"``.
+        out: output ``.nii.gz``; int16 HU, identity direction, isotropic ``spacing_mm``.
+        spacing_mm: output voxel size in mm.
+        spacing_tolerance: relative tolerance on DICOM slice spacing.
+        min_slices: minimum number of slices along the image's third axis.
+
+    Returns:
+        QC metrics for the status JSON. Shapes/spacings are in array order: the original
+        ``[k, j, i]`` of the stored volume, the output ``[z, y, x]``.
+
+    Raises:
+        SubjectError: bad input, with a one-line reason.
+        ValueError: unknown ``fmt`` or invalid numeric settings.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from pipeline import ct_io
+    from pipeline.errors import SubjectError
+
+    if fmt not in ("nifti", "dicom"):
+        raise ValueError(f"fmt must be 'nifti' or 'dicom', got {fmt!r}")
+    started = time.perf_counter()
+    info: dict[str, Any] = {}
+    if fmt == "nifti":
+        raw = ct_io.read_nifti_hu(image, sid)
+    else:
+        series = ct_io.load_dicom_series(image, sid, spacing_tolerance=spacing_tolerance, min_slices=min_slices)
+        raw, info = series.image, series.info
+    original_size = raw.GetSize()
+    if original_size[2] < min_slices:
+        raise SubjectError(sid, f"only {original_size[2]} slices (minimum {min_slices})", STAGE)
+    qc: dict[str, Any] = {
+        "source_format": fmt,
+        "original_shape": [int(n) for n in original_size[::-1]],
+        "original_spacing_mm": [round(float(s), 6) for s in raw.GetSpacing()[::-1]],
+        "original_orientation": ct_io.orientation_code(raw),
+        "n_slices": int(original_size[2]),
+    }
+    read_s = time.perf_counter() - started
+    log.info("subject %s: read %s %s voxels, spacing %s mm, orientation %s (%.1f s)", sid, fmt,
+             "x".join(map(str, qc["original_shape"])), qc["original_spacing_mm"], qc["original_orientation"], read_s)
+
+    canonical = ct_io.to_canonical(raw)
+    del raw
+    ct = ct_io.resample_isotropic(canonical, spacing_mm)
+    del canonical
+    ct_io.write_volume(ct, out)
+    array = sitk.GetArrayViewFromImage(ct)
+    percentiles = np.percentile(array, HU_PERCENTILES)
+    qc.update({
+        "shape": [int(n) for n in ct.GetSize()[::-1]],
+        "spacing_mm": float(spacing_mm),
+        **{f"hu_p{p:02d}": round(float(v), 1) for p, v in zip(HU_PERCENTILES, percentiles)},
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    for key, name in (("Manufacturer", "manufacturer"), ("ManufacturerModelName", "model"),
+                      ("ConvolutionKernel", "kernel"), ("SliceThickness", "slice_thickness_mm"), ("KVP", "kvp")):
+        if key in info:
+            qc[name] = info[key]
+    log.info("subject %s: wrote %s, %s voxels at %g mm, HU p1/p50/p99 %g/%g/%g (%.1f s)", sid, out,
+             "x".join(map(str, qc["shape"])), spacing_mm, qc["hu_p01"], qc["hu_p50"], qc["hu_p99"], qc["seconds"])
+    return qc
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cli import stage_settings
+    from pipeline.status import run_subject_stage
+
+    options = ingest_options(stage_settings(args, "ingest"))
+    run_subject_stage(
+        sid=args.sid,
+        stage=STAGE,
+        status_path=args.status,
+        outputs=[args.out],
+        work=lambda: ingest_subject(args.sid, args.image, args.format, args.out, **options),
+    )
+    return 0
