@@ -1,0 +1,261 @@
+"""Stage ``report``: the self-contained HTML outcome report (``results/report.html``).
+
+Sections: the main table (rows = feature sets, columns = outcome metrics, mean ± sd over CV
+repeats, in the layout of Table 2 of Robinson et al. 2021), figures (training curves, predicted vs
+observed per regression outcome, confusion matrix per ordinal outcome, the patch grid on one
+subject, the read-out heatmap), the latent-factor read-out table (synthetic cohorts), QC
+exclusions and subjects per outcome, and provenance (config hash, package versions, run time per
+stage, date). Figures are also written to ``results/figures/<name>.png``.
+
+Anything missing (a run without gnn pooling, no truth table, no QC table yet...) is left out with a
+note; the report never fails because a piece is absent.
+
+Modules: :mod:`.tables` (numbers), :mod:`.figures` (matplotlib), :mod:`.html` (rendering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", default="work", help="work directory (default: %(default)s)")
+    parser.add_argument("--results", default="results", help="results directory (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="HTML file to write (results/report.html)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cli import stage_settings
+
+    config = stage_settings(args, None)  # the whole config (--settings JSON or --config FILE)
+    build_report(config, Layout(work=Path(args.work), results=Path(args.results)), Path(args.out))
+    return 0
+
+
+def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
+    """Write the HTML report to ``out`` and the figures to ``<results>/figures/``; return ``out``."""
+    from pipeline.files import write_text
+    from pipeline.report import html, tables
+
+    sets = tables.feature_sets(config)
+    outcomes = config["evaluate"]["outcomes"]
+    columns = tables.metric_columns(outcomes)
+    metrics = tables.load_results(layout, sets, "metrics")
+    predictions = tables.load_results(layout, sets, "predictions")
+    readouts = tables.load_results(layout, sets, "readout")
+    main = tables.main_table(sets, metrics, columns)
+    prov = tables.provenance(config)
+    figures_dir = layout.results / "figures"
+
+    sections = [
+        ("results", "Outcome prediction", _results_section(config, sets, main)),
+        ("figures", "Figures", _figures_section(config, layout, main, predictions, readouts, sets, figures_dir)),
+    ]
+    if config.get("cohort", {}).get("truth"):
+        sections.append(("readout", "Latent-factor read-out", _readout_section(sets, readouts)))
+    sections.append(("qc", "Quality control", _qc_section(layout, metrics, outcomes)))
+    sections.append(("provenance", "Provenance", _provenance_section(layout, prov)))
+    title = config.get("report", {}).get("title", "copdssl outcome report")
+    document = html.page(title, prov["date"], prov["config_sha256"],
+                         [(anchor, name, html.section(anchor, name, parts)) for anchor, name, parts in sections])
+    write_text(out, document)
+    log.info("report: %d feature sets with metrics, %d figures -> %s", len(main.rows),
+             len(list(figures_dir.glob("*.png"))), out)
+    return out
+
+
+def _results_section(config, sets, main) -> list[str]:
+    from pipeline.report import html
+
+    parts = [html.paragraph(
+        "Out-of-fold performance of supervised heads on each subject-level feature set, with the same "
+        "folds for every row (layout of Table 2 in Robinson et al., NeurIPS 2021). Cells are mean ± sd over "
+        f"{config['evaluate']['repeats']} repeat(s) of {config['evaluate']['n_folds']}-fold cross-validation; "
+        "the best value per column (oracle excluded) is in bold. " + html.column_legend(main.columns) + ".")]
+    if main.rows:
+        parts.append(html.main_table(main))
+    else:
+        parts.append(html.note("No evaluation results were found yet (results/<run>/<pooling>/metrics.tsv)."))
+    missing = [s for s in sets if s not in main.rows]
+    for s in missing:
+        parts.append(html.note(f"{s.label}: no metrics found (results/{s.name}/{s.pooling}/metrics.tsv); row omitted."))
+    if not any(s.pooling == "gnn" for s in sets):
+        parts.append(html.note("No gnn pooling rows: gnn pooling is not configured or no run has its graph stage enabled."))
+    if not any(s.kind == "oracle" for s in sets):
+        parts.append(html.note("No oracle row: the cohort has no truth table (or the oracle baseline is not configured)."))
+    return parts
+
+
+def _figures_section(config, layout, main, predictions, readouts, sets, figures_dir) -> list[str]:
+    from pipeline.report import figures, html, tables
+
+    wanted = figures.figure_names(config)
+    outcomes = config["evaluate"]["outcomes"]
+    drawn: dict[str, tuple[Any, str]] = {}
+
+    # training curves
+    histories = {}
+    for run in config.get("runs", {}):
+        history = tables.read_tsv(layout.history(run))
+        if history is not None and {"epoch", "loss"} <= set(history.columns) and not history.empty:
+            histories[run] = history
+    if histories:
+        drawn["training_curves"] = (figures.training_curves(histories),
+                                    "Training curves per run: loss (IFM term dashed) and contrastive top-1 accuracy.")
+    else:
+        drawn["training_curves"] = (figures.placeholder("training curves", "no training history found"),
+                                    "No training history found (work/runs/<run>/history.tsv).")
+
+    # scatter (regression) and confusion (ordinal) of the best run
+    by_key = {s.key: s for s in sets}
+    for name, spec in outcomes.items():
+        if spec["kind"] == "regression":
+            best = tables.best_run(main, tables.Column(name, "r2"))
+            panels = []
+            for s in ([best] if best else []) + [by_key.get("densitometry/lung")]:
+                if s is not None and s.key in predictions:
+                    frame = predictions[s.key]
+                    frame = frame[(frame["outcome"] == name) & (frame["repeat"] == frame["repeat"].min())]
+                    if not frame.empty:
+                        panels.append((s.label, frame))
+            if panels:
+                drawn[f"scatter_{name}"] = (figures.scatter(name, panels),
+                                            f"{name}: out-of-fold predicted vs observed (repeat 0), "
+                                            f"best run by R² and densitometry.")
+            else:
+                drawn[f"scatter_{name}"] = (figures.placeholder(name, "no predictions found"),
+                                            f"{name}: no out-of-fold predictions found.")
+        else:
+            best = tables.best_run(main, tables.Column(name, "acc"))
+            frame = predictions.get(best.key) if best else None
+            frame = frame[frame["outcome"] == name] if frame is not None else None
+            if frame is not None and not frame.empty:
+                drawn[f"confusion_{name}"] = (figures.confusion(name, best.label, frame, spec.get("levels")),
+                                              f"{name}: confusion matrix of the best run by accuracy ({best.label}), "
+                                              "counts summed over CV repeats.")
+            else:
+                drawn[f"confusion_{name}"] = (figures.placeholder(name, "no predictions of a run found"),
+                                              f"{name}: no out-of-fold predictions of a run found.")
+
+    drawn["patch_grid"] = _patch_grid_figure(config, layout, figures)
+
+    if "readout" in wanted:
+        table = tables.readout_table(sets, readouts)
+        if not table.empty:
+            drawn["readout"] = (figures.readout_heatmap(table),
+                                "Out-of-fold R² of a linear read-out of each latent factor from each feature set.")
+        else:
+            drawn["readout"] = (figures.placeholder("read-out", "no read-out results found"),
+                                "No read-out results found (results/<run>/<pooling>/readout.tsv).")
+
+    parts = []
+    preview = figures_dir / "synthetic_preview.png"
+    if preview.is_file() and preview.stat().st_size:
+        parts.append(html.figure(preview.read_bytes(), "synthetic cohort preview",
+                                 "A few phantoms of the synthetic cohort (axial and coronal mid-slices)."))
+    for name in wanted:
+        figure, caption = drawn[name]
+        data = figures.save_png(figure, figures_dir / f"{name}.png")
+        parts.append(html.figure(data, name, caption))
+    return parts
+
+
+def _patch_grid_figure(config, layout, figures) -> tuple[Any, str]:
+    """The patch grid drawn on one subject, or a placeholder saying why it could not be drawn."""
+    import numpy as np
+
+    from pipeline.errors import CopdsslError
+    from pipeline.status import OK, read_status
+
+    sid = config.get("report", {}).get("overlay_subject")
+    try:
+        if not sid:
+            from pipeline.manifest import read_subjects
+
+            candidates = [s.sid for s in read_subjects(layout.subjects())] if layout.subjects().is_file() else []
+            sid = next((s for s in candidates if layout.status("patches", s).is_file()
+                        and read_status(layout.status("patches", s)).get("status") == OK), None)
+        if not sid:
+            raise FileNotFoundError("no subject passed the patches stage")
+        ct_path, tfm_path, grid_path = layout.ct(sid), layout.transform(sid), layout.grid()
+        for path in (ct_path, tfm_path, grid_path):
+            if not path.is_file() or path.stat().st_size == 0:
+                raise FileNotFoundError(f"{path} is missing or empty")
+        import SimpleITK as sitk
+
+        ct = sitk.ReadImage(str(ct_path))
+        transform = sitk.ReadTransform(str(tfm_path))
+        with np.load(grid_path) as grid:
+            centers = grid["centers_mm"]
+            half = 0.5 * float(grid["patch_size"]) * float(grid["spacing_mm"])
+        figure = figures.patch_grid(sid, ct, transform, centers, half)
+        return figure, (f"Patch grid of the atlas mapped through subject {sid}'s affine transform, on its axial and "
+                        "coronal mid-slices; each box is one patch location.")
+    except (OSError, KeyError, RuntimeError, ValueError, CopdsslError) as error:
+        reason = " ".join(str(error).split())
+        log.warning("report: patch grid figure not drawn: %s", reason)
+        return figures.placeholder("patch grid", f"not drawn: {reason}"), f"Patch grid not drawn: {reason}."
+
+
+def _readout_section(sets, readouts) -> list[str]:
+    from pipeline.report import html, tables
+
+    table = tables.readout_table(sets, readouts)
+    if table.empty:
+        return [html.note("No read-out results found (results/<run>/<pooling>/readout.tsv).")]
+    return [html.paragraph(
+        "Out-of-fold R² of a ridge read-out of each latent factor of the synthetic cohort from each feature set "
+        "(mean ± sd over repeats): which factors a representation keeps and which it suppresses. The oracle row "
+        "reads the factors from themselves (its cle, pse and awt are the features)."), html.readout_table(table)]
+
+
+def _qc_section(layout, metrics, outcomes) -> list[str]:
+    import pandas as pd
+
+    from pipeline.report import html, tables
+
+    parts = []
+    excluded, counts = tables.qc_summary(layout)
+    if excluded is None:
+        parts.append(html.note(f"No QC table found ({layout.qc_table()})."))
+    else:
+        parts.append(html.paragraph("Subjects per status: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+                                    + "."))
+        if excluded.empty:
+            parts.append(html.paragraph("No subject was excluded."))
+        else:
+            parts.append("<h3>Excluded subjects</h3>")
+            parts.append(html.dataframe(excluded, text_columns=list(excluded.columns)))
+    per_outcome = tables.outcome_counts(metrics, list(outcomes))
+    if per_outcome:
+        frame = pd.DataFrame([{"outcome": name, "column": outcomes[name]["column"],
+                               "subjects": f"{lo}" if lo == hi else f"{lo}–{hi}"}
+                              for name, (lo, hi) in per_outcome.items()])
+        parts.append("<h3>Subjects per outcome</h3>")
+        parts.append(html.paragraph("Subjects with features, folds and a non-missing value of the outcome."))
+        parts.append(html.dataframe(frame, text_columns=["outcome", "column"]))
+    return parts
+
+
+def _provenance_section(layout, prov) -> list[str]:
+    from pipeline.report import html, tables
+
+    parts = [html.key_values({"config sha256": prov["config_sha256"], "date": prov["date"],
+                              "python": prov["python"], "platform": prov["platform"]}),
+             "<h3>Package versions</h3>", html.key_values(prov["versions"])]
+    runtimes = tables.stage_runtimes(layout)
+    parts.append("<h3>Run time per stage</h3>")
+    if runtimes.empty:
+        parts.append(html.note(f"No Snakemake benchmark files found under {layout.work / 'benchmarks'}."))
+    else:
+        parts.append(html.paragraph("Summed from Snakemake benchmark files (wall seconds over all jobs of the stage)."))
+        parts.append(html.dataframe(runtimes, text_columns=["stage"], formats={"seconds": ".1f", "max_rss_mb": ".0f"}))
+    return parts

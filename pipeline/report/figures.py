@@ -1,0 +1,225 @@
+"""The report's figures, drawn with matplotlib's object API (Agg; no pyplot global state).
+
+Each function returns a :class:`matplotlib.figure.Figure`; :func:`png` renders one to PNG bytes
+(embedded in the HTML as base64) and :func:`save_png` also writes it atomically under
+``results/figures/`` with the names in :func:`figure_names` (what Snakemake's ``--report`` picks
+up). When the data for a figure is missing, :func:`placeholder` draws the reason instead, so the
+declared outputs always exist.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+DPI = 100
+
+
+def figure_names(config: Mapping[str, Any]) -> list[str]:
+    """File stems of the figures the report writes: fixed by the config alone."""
+    outcomes = config["evaluate"]["outcomes"]
+    names = ["training_curves", "patch_grid"]
+    names += [f"scatter_{name}" for name, spec in outcomes.items() if spec["kind"] == "regression"]
+    names += [f"confusion_{name}" for name, spec in outcomes.items() if spec["kind"] == "ordinal"]
+    if config.get("cohort", {}).get("truth"):
+        names.append("readout")
+    return names
+
+
+def png(figure: Figure) -> bytes:
+    """PNG bytes of a figure."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def save_png(figure: Figure, path: str | os.PathLike) -> bytes:
+    """Write the figure to ``path`` atomically; return its PNG bytes."""
+    from pipeline.files import atomic_path
+
+    data = png(figure)
+    with atomic_path(path, suffix=".png") as tmp:
+        tmp.write_bytes(data)
+    return data
+
+
+def placeholder(title: str, message: str) -> Figure:
+    """A small figure that states why the real one could not be drawn."""
+    figure = Figure(figsize=(6, 1.6))
+    ax = figure.add_subplot()
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.4, message, ha="center", va="center", wrap=True, fontsize=10, color="0.3")
+    return figure
+
+
+def training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
+    """Loss (solid: InfoNCE; dashed: IFM term) and contrastive acc@1 per epoch, one line per run.
+
+    Args:
+        histories: run -> history table with columns ``epoch, loss, loss_ifm, acc1``.
+    """
+    figure = Figure(figsize=(10, 3.8))
+    ax_loss, ax_acc = figure.subplots(1, 2)
+    for index, (run, history) in enumerate(histories.items()):
+        color = f"C{index % 10}"
+        epochs = history["epoch"].to_numpy(dtype=float)
+        ax_loss.plot(epochs, history["loss"].to_numpy(dtype=float), color=color, marker="o", ms=3, label=run)
+        if "loss_ifm" in history and history["loss_ifm"].notna().any() and (history["loss_ifm"].fillna(0) != 0).any():
+            ax_loss.plot(epochs, history["loss_ifm"].to_numpy(dtype=float), color=color, ls="--", lw=1)
+        if "acc1" in history:
+            ax_acc.plot(epochs, history["acc1"].to_numpy(dtype=float), color=color, marker="o", ms=3, label=run)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="contrastive loss (dashed: IFM term)")
+    ax_acc.set(xlabel="epoch", ylabel="acc@1", title="contrastive top-1 accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def scatter(outcome: str, panels: Sequence[tuple[str, pd.DataFrame]]) -> Figure:
+    """Out-of-fold predicted vs observed (repeat 0), one panel per feature set, identity line.
+
+    Args:
+        panels: (label, predictions with ``observed, predicted``) pairs.
+    """
+    figure = Figure(figsize=(4.2 * len(panels), 4))
+    axes = np.atleast_1d(figure.subplots(1, len(panels), sharex=True, sharey=True))
+    values = np.concatenate([np.r_[p["observed"].to_numpy(float), p["predicted"].to_numpy(float)] for _, p in panels])
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    pad = 0.05 * (hi - lo or 1.0)
+    for ax, (label, frame) in zip(axes, panels):
+        observed, predicted = frame["observed"].to_numpy(float), frame["predicted"].to_numpy(float)
+        ax.scatter(observed, predicted, s=10, alpha=0.6)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", lw=1, ls="--")
+        ss_res = float(np.sum((observed - predicted) ** 2))
+        ss_tot = float(np.sum((observed - observed.mean()) ** 2))
+        r2 = 1 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+        ax.set(title=f"{label} (R² {r2:.2f}, n={observed.size})", xlabel=f"observed {outcome}",
+               ylabel=f"predicted {outcome}", xlim=(lo - pad, hi + pad), ylim=(lo - pad, hi + pad))
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def confusion(outcome: str, label: str, predictions: pd.DataFrame, levels: int | None = None) -> Figure:
+    """Confusion matrix (counts summed over repeats, colour = row fraction) of an ordinal outcome."""
+    observed = predictions["observed"].to_numpy(float).astype(int)
+    predicted = predictions["predicted"].to_numpy(float).astype(int)
+    if levels:
+        classes = np.arange(levels)
+    else:
+        classes = np.unique(np.r_[observed, predicted])
+    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)  # [observed, predicted]
+    index = {int(c): i for i, c in enumerate(classes)}
+    for o, p in zip(observed, predicted):
+        if int(o) in index and int(p) in index:
+            counts[index[int(o)], index[int(p)]] += 1
+    rows = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    figure = Figure(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    ax = figure.add_subplot()
+    image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if fraction[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+    ax.set(xlabel="predicted", ylabel="observed", title=f"{outcome}: {label}")
+    figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of row")
+    figure.tight_layout()
+    return figure
+
+
+def readout_heatmap(table: pd.DataFrame) -> Figure:
+    """Heatmap of mean read-out R² (rows: feature sets, columns: latent factors).
+
+    Args:
+        table: cells are ``(mean, sd)`` tuples or NaN (see ``tables.readout_table``).
+    """
+    means = np.array([[cell[0] if isinstance(cell, tuple) else np.nan for cell in row] for row in table.to_numpy()],
+                     dtype=float).reshape(table.shape)
+    figure = Figure(figsize=(1.6 + 0.9 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
+    ax = figure.add_subplot()
+    image = ax.imshow(np.clip(means, 0, 1), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(means.shape[0]):
+        for j in range(means.shape[1]):
+            if np.isfinite(means[i, j]):
+                ax.text(j, i, f"{means[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if means[i, j] > 0.6 else "white")
+    ax.set_xticks(range(table.shape[1]), list(table.columns), rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), list(table.index))
+    ax.set_title("linear read-out of latent factors (out-of-fold R²)")
+    figure.colorbar(image, ax=ax, fraction=0.046, label="R² (clipped to [0, 1])")
+    figure.tight_layout()
+    return figure
+
+
+def grid_footprints(ct, transform, centers_mm: np.ndarray, half_mm: float, plane: str, index: int) -> list[np.ndarray]:
+    """Outlines of the patches cut by one slice of the subject's CT, in that slice's voxel coordinates.
+
+    Each patch is the atlas cube of half-size ``half_mm`` around its centre (``centers_mm [P, 3]``,
+    ITK physical ``(x, y, z)``); its square through the centre, parallel to the slice, is mapped
+    through ``transform`` (atlas -> subject physical points) into the CT's continuous index space.
+
+    Args:
+        ct: SimpleITK image of the subject.
+        transform: SimpleITK transform, atlas physical -> subject physical points.
+        plane: ``axial`` (slice ``k = index``; outlines in (i, j)) or ``coronal`` (``j = index``; (i, k)).
+
+    Returns:
+        One ``[4, 2]`` polygon per patch whose mapped centre lies within half a patch of the slice.
+    """
+    if plane == "axial":
+        offsets = [(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)]
+        normal_axis, axes = 2, (0, 1)
+    elif plane == "coronal":
+        offsets = [(-1, 0, -1), (1, 0, -1), (1, 0, 1), (-1, 0, 1)]
+        normal_axis, axes = 1, (0, 2)
+    else:
+        raise ValueError(f"plane must be 'axial' or 'coronal', got {plane!r}")
+    spacing = ct.GetSpacing()[normal_axis]
+    polygons = []
+    for center in np.asarray(centers_mm, dtype=float):
+        mapped = ct.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(tuple(center)))
+        if abs(mapped[normal_axis] - index) > half_mm / spacing:
+            continue
+        corners = []
+        for offset in offsets:
+            point = tuple(center + half_mm * np.asarray(offset, dtype=float))
+            continuous = ct.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(point))
+            corners.append((continuous[axes[0]], continuous[axes[1]]))
+        polygons.append(np.asarray(corners))
+    return polygons
+
+
+def patch_grid(sid: str, ct, transform, centers_mm: np.ndarray, half_mm: float) -> Figure:
+    """Axial and coronal mid-slices of a subject's CT with the mapped patch grid drawn on them."""
+    import SimpleITK as sitk
+    from matplotlib.patches import Polygon
+
+    array = sitk.GetArrayViewFromImage(ct)  # [z, y, x]
+    k_mid, j_mid = array.shape[0] // 2, array.shape[1] // 2
+    sx, sy, sz = ct.GetSpacing()
+    figure = Figure(figsize=(10, 5))
+    ax_axial, ax_coronal = figure.subplots(1, 2)
+    window = dict(cmap="gray", vmin=-1024, vmax=200, interpolation="nearest")
+    ax_axial.imshow(array[k_mid], origin="upper", aspect=sy / sx, **window)
+    ax_coronal.imshow(array[:, j_mid, :], origin="lower", aspect=sz / sx, **window)
+    for ax, plane, index in ((ax_axial, "axial", k_mid), (ax_coronal, "coronal", j_mid)):
+        for polygon in grid_footprints(ct, transform, centers_mm, half_mm, plane, index):
+            ax.add_patch(Polygon(polygon, closed=True, fill=False, edgecolor="tab:orange", lw=0.8, alpha=0.9))
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax_axial.set_title(f"{sid}: axial slice {k_mid} (patient right on the left)")
+    ax_coronal.set_title(f"{sid}: coronal slice {j_mid}")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,197 @@
+"""The HTML outcome report: every row and column, QC exclusions, embedded figures, valid offline HTML."""
+
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.report import build_report
+from pipeline.report.figures import figure_names, grid_footprints
+from pipeline.report.tables import config_hash, feature_sets
+from tests.eval_fixtures import (eval_config, make_eval_cohort, make_subject_image, write_benchmarks, write_history,
+                                 write_qc, write_results)
+
+VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "wbr", "source"}
+MEANS = {("logFEV1pp", "r2"): 0.30, ("logFEV1FVC", "r2"): 0.20, ("CLE", "acc"): 0.40, ("CLE", "acc1off"): 0.80,
+         ("Paraseptal", "acc"): 0.50, ("Paraseptal", "acc1off"): 0.90, ("mMRC", "acc"): 0.30,
+         ("mMRC", "acc1off"): 0.70}
+RUN_SETS = [("random_init", "mean"), ("random_init", "gnn"), ("moco", "mean"), ("moco", "gnn"),
+            ("ifm_e0.1", "mean"), ("ifm_e0.1", "gnn")]
+
+
+class Checker(HTMLParser):
+    """Collects tags and checks that every non-void element is closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.images, self.rows = [], [], [], []
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "tr" and "data-key" in attrs:
+            self.rows.append((attrs["data-key"], attrs.get("class")))
+        for name in ("src", "href"):
+            if name in attrs:
+                self.links.append(attrs[name])
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> (open: {self.stack[-3:]})")
+        else:
+            self.stack.pop()
+
+
+def parse(text):
+    checker = Checker()
+    checker.feed(text)
+    checker.close()
+    return checker
+
+
+def full_results(cohort, with_truth=True):
+    layout = cohort.layout
+    write_results(layout, "densitometry", "lung", MEANS, sids=cohort.ok_sids)
+    for i, (run, pooling) in enumerate(RUN_SETS):
+        # ifm_e0.1/gnn is best everywhere except CLE acc, where moco/mean is
+        means = {k: v + 0.01 * i for k, v in MEANS.items()}
+        if (run, pooling) == ("moco", "mean"):
+            means[("CLE", "acc")] = 0.60
+        write_results(layout, run, pooling, means, sids=cohort.ok_sids,
+                      readout={"cle": 0.9, "pse": 0.8, "awt": 0.1 * i} if with_truth else None)
+    if with_truth:
+        write_results(layout, "oracle", "truth", {k: v + 0.3 for k, v in MEANS.items()}, sids=cohort.ok_sids,
+                      readout={"cle": 1.0, "pse": 1.0, "awt": 1.0})
+    for run in ("random_init", "moco", "ifm_e0.1"):
+        write_history(layout, run, ifm=run.startswith("ifm"))
+    write_qc(layout, cohort)
+    write_benchmarks(layout)
+    make_subject_image(layout, cohort.ok_sids[0])
+
+
+def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
+    cohort = make_eval_cohort(tmp_path, n_subjects=20)
+    full_results(cohort)
+    config = eval_config()
+    out = tmp_path / "results" / "report.html"
+    rc = main(["report", "--settings", json.dumps(config), "--work", str(cohort.layout.work),
+               "--results", str(cohort.layout.results), "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    checker = parse(text)
+    assert not checker.errors and not checker.stack  # well-formed
+    assert text.startswith("<!DOCTYPE html>") and "<title>test report &lt;copdssl&gt;</title>" in text
+
+    # rows in the IFM table order, with their kinds; method and epsilon from the run settings
+    keys = [key for key, _ in checker.rows]
+    assert keys == ["densitometry/lung", *[f"{r}/{p}" for r, p in RUN_SETS], "oracle/truth"]
+    assert dict(checker.rows)["oracle/truth"] == "oracle"
+    row = re.search(r'<tr class="run" data-key="ifm_e0.1/mean">(.*?)</tr>', text).group(1)
+    assert '<td class="text">ifm</td><td class="text">0.1</td>' in row
+    assert '<td class="text">moco</td><td class="text">0</td>' in re.search(
+        r'data-key="moco/gnn">(.*?)</tr>', text).group(1)
+    for label in ("logFEV1pp R²", "logFEV1FVC R²", "CLE acc", "CLE 1-off", "Paraseptal acc", "Paraseptal 1-off",
+                  "mMRC acc", "mMRC 1-off"):
+        assert f">{label}</th>" in text
+    # cells: mean ± sd over the 2 repeats (values mean ± 0.01 -> sd 0.0141); accuracies in %
+    assert "<td>0.300 ± 0.014</td>" in text and "<td>40.0 ± 1.4</td>" in text
+    # best per column in bold, the oracle (higher everywhere) excluded
+    best = re.findall(r'data-key="([^"]+)">((?:(?!</tr>).)*)</tr>', text)
+    bold = {key: row.count('<td class="best"><b>') for key, row in best}
+    assert bold["ifm_e0.1/gnn"] == 7 and bold["moco/mean"] == 1 and bold["oracle/truth"] == 0
+    assert '<td class="best"><b>60.0 ± 1.4</b></td>' in text
+
+    # QC exclusions with stage and reason, and subjects per outcome
+    for sid, reason in cohort.failed.items():
+        assert f"<td class=\"text\">{sid}</td>" in text
+        assert reason.replace("<", "&lt;") in text
+    assert "duplicate subject ID" in text and "Subjects per outcome" in text
+
+    # read-out table (synthetic): every run x pooling and the oracle, every factor
+    readout = text[text.index('<table class="readout">'):]
+    readout = readout[:readout.index("</table>")]
+    assert readout.count("<tr><td") == len(RUN_SETS) + 1 and ">awt</th>" in readout and ">oracle</td>" in readout
+
+    # figures: embedded as base64 PNG and written under results/figures with the declared names
+    names = figure_names(config)
+    assert set(names) == {"training_curves", "patch_grid", "scatter_logFEV1pp", "scatter_logFEV1FVC",
+                          "confusion_CLE", "confusion_Paraseptal", "confusion_mMRC", "readout"}
+    for name in names:
+        png = (cohort.layout.results / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+    assert len(checker.images) == len(names)
+    assert all(src.startswith("data:image/png;base64,") for src in checker.images)
+    assert "not drawn" not in text  # the patch grid was drawn on the subject
+
+    # offline: no script, no stylesheet link, no external URL
+    assert "<script" not in text and "<link" not in text
+    assert all(link.startswith(("data:", "#")) for link in checker.links)
+
+    # provenance
+    assert config_hash(config) in text and ">scikit-learn</th>" in text and ">statsmodels</th>" in text
+    assert re.search(r"<td class=\"text\">ingest</td><td>2</td><td>4.0</td>", text)
+
+
+def test_report_without_truth_gnn_qc_or_history_still_renders(tmp_path):
+    cohort = make_eval_cohort(tmp_path, n_subjects=10)
+    config = eval_config(cohort={"source": "manifest", "manifest": "m.tsv", "phenotypes": "p.tsv", "truth": None},
+                         pool={"methods": ["mean"]})
+    write_results(cohort.layout, "densitometry", "lung", MEANS, sids=cohort.ok_sids)
+    write_results(cohort.layout, "moco", "mean", MEANS, sids=cohort.ok_sids, repeats=1)
+    out = tmp_path / "report.html"
+    build_report(config, cohort.layout, out)
+    text = out.read_text()
+    checker = parse(text)
+    assert not checker.errors and not checker.stack
+    assert [key for key, _ in checker.rows] == ["densitometry/lung", "moco/mean"]
+    # one repeat: no sd; equal means are both best
+    assert '<td class="best"><b>0.300</b></td>' in text and '<td class="best"><b>0.300 ± 0.014</b></td>' in text
+    assert "No oracle row" in text and "No gnn pooling rows" in text
+    assert "random_init / mean: no metrics found" in text and "ifm_e0.1 / mean: no metrics found" in text
+    assert "No QC table found" in text and "No training history found" in text
+    assert "Patch grid not drawn" in text
+    assert 'id="readout"' not in text
+    names = figure_names(config)
+    assert "readout" not in names
+    assert sorted(p.stem for p in (cohort.layout.results / "figures").glob("*.png")) == sorted(names)
+
+
+def test_feature_sets_follow_the_config():
+    config = eval_config(runs={"moco": {}, "random_init": {"epochs": 0},
+                               "ifm_only_e0.2": {"loss": {"method": "ifm_only", "epsilon": 0.2},
+                                                 "graph": {"enabled": False}}})
+    sets = feature_sets(config)
+    assert [(s.name, s.pooling, s.method, s.epsilon) for s in sets] == [
+        ("densitometry", "lung", "densitometry", None),
+        ("random_init", "mean", "random init", None), ("random_init", "gnn", "random init", None),
+        ("moco", "mean", "moco", 0.0), ("moco", "gnn", "moco", 0.0),
+        ("ifm_only_e0.2", "mean", "ifm_only", 0.2),  # graph stage disabled: no gnn row
+        ("oracle", "truth", "oracle", None)]
+    assert config_hash(config) == config_hash(json.loads(json.dumps(config)))
+    assert config_hash(config) != config_hash(eval_config())
+
+
+def test_grid_footprints_follow_the_transform():
+    import SimpleITK as sitk
+
+    ct = sitk.Image(40, 40, 40, sitk.sitkInt16)
+    ct.SetSpacing((2.0, 2.0, 2.0))
+    ct.SetOrigin((-10.0, -10.0, -10.0))
+    center = np.array([[30.0, 20.0, 10.0]])  # (x, y, z) mm -> index (20, 15, 10)
+    identity = sitk.AffineTransform(3)
+    (square,) = grid_footprints(ct, identity, center, 4.0, "axial", 10)
+    np.testing.assert_allclose(square, [[18, 13], [22, 13], [22, 17], [18, 17]])  # half 4 mm = 2 voxels
+    shifted = sitk.AffineTransform(3)
+    shifted.SetTranslation((6.0, 0.0, 1.0))
+    (square,) = grid_footprints(ct, shifted, center, 4.0, "coronal", 15)
+    np.testing.assert_allclose(square, [[21, 8.5], [25, 8.5], [25, 12.5], [21, 12.5]])  # (i, k)
+    assert grid_footprints(ct, identity, center, 4.0, "axial", 13) == []  # 3 voxels away: not cut
+    with pytest.raises(ValueError, match="'sagittal'"):
+        grid_footprints(ct, identity, center, 4.0, "sagittal", 0)
