@@ -1,0 +1,133 @@
+"""Stage ``embed``: pre-projection features of every patch of every subject.
+
+``copdssl embed --run NAME --subjects work/subjects.tsv --work work [--device auto|cpu|cuda]``
+runs the run's trained encoder (``encoder.pt``) over each subject whose patches status is ok and
+writes ``work/runs/NAME/embeddings/{sid}.npy`` = float32 ``[P, D]`` (D = encoder feature_dim),
+atomically. Subjects whose patches failed get an empty tombstone file, because Snakemake declares
+one output per subject. Inference is batched, without gradients, in eval mode, with bf16 autocast
+on CUDA (channels_last_3d on CPU); the next subject's patches are read in a background thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run name (its encoder.pt is used)")
+    parser.add_argument("--subjects", required=True, help="screened subjects table (work/subjects.tsv)")
+    parser.add_argument("--work", required=True, help="work directory")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override embed.device")
+
+
+def embed_patches(encoder, patches: np.ndarray, locations, normalise: dict[str, Any], batch_size: int = 512,
+                  device: Any = "cpu") -> np.ndarray:
+    """Embed one subject's patches.
+
+    Args:
+        encoder: a :class:`models.encoder.PatchEncoder` (on ``device``; put in eval mode here).
+        patches: int16 ``[P, S, S, S]`` (HU; may be a memory map).
+        locations: float ``[P, 3]`` normalised grid locations (array or tensor).
+        normalise: ``{"offset", "scale"}`` of the run (intensity normalisation used in training).
+        batch_size: patches per forward pass.
+
+    Returns:
+        float32 ``[P, feature_dim]`` pre-projection features.
+    """
+    import torch
+
+    from models.data import normalise as normalise_hu
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    loc = torch.as_tensor(np.asarray(locations, dtype=np.float32), device=device)
+    if patches.ndim != 4 or loc.shape != (patches.shape[0], 3):
+        raise ValueError(f"patches {patches.shape} and locations {tuple(loc.shape)} must be [P, S, S, S] and [P, 3]")
+    encoder.eval()
+    channels_last = device.type == "cpu"
+    out = []
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, patches.shape[0], batch_size):
+            chunk = torch.from_numpy(np.array(patches[start:start + batch_size])).to(device)  # copy out of a memory map
+            x = normalise_hu(chunk.unsqueeze(1), normalise["offset"], normalise["scale"])  # b x 1 x S x S x S
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            out.append(encoder.embed(x, loc[start:start + batch_size]).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+
+def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[str], locations: np.ndarray,
+                 batch_size: int = 512, device: Any = "cpu") -> dict[str, int]:
+    """Write ``layout.embedding(run, sid)`` for every sid: features for ``ok_sids``, tombstones otherwise.
+
+    Returns:
+        counts ``{"embedded": n, "tombstoned": m}``.
+    """
+    import torch
+
+    from models.checkpoint import read_encoder
+    from pipeline.errors import ConfigError, SubjectError
+    from pipeline.files import atomic_path, write_npy
+    from pipeline.logs import progress
+
+    encoder, meta = read_encoder(encoder_path, device)
+    if int(meta["num_locations"]) != locations.shape[0]:
+        raise ConfigError(f"{encoder_path} was trained on {meta['num_locations']} grid locations, the grid has "
+                          f"{locations.shape[0]}")
+    if torch.device(device).type == "cpu":
+        encoder = encoder.to(memory_format=torch.channels_last_3d)
+    expected = (locations.shape[0],) + (int(meta["patch_size"]),) * 3
+    ok = set(ok_sids)
+
+    def read(sid: str) -> np.ndarray:
+        path = layout.patches(sid)
+        try:
+            patches = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise SubjectError(sid, f"cannot read patches {path}: {error}", "embed") from None
+        if patches.shape != expected or patches.dtype != np.int16:
+            raise SubjectError(sid, f"patches {path} are {patches.dtype} {patches.shape}, expected int16 {expected}", "embed")
+        return np.array(patches)  # read in the background thread
+
+    counts = {"embedded": 0, "tombstoned": 0}
+    todo = [sid for sid in sids if sid in ok]
+    for sid in sids:
+        if sid not in ok:
+            with atomic_path(layout.embedding(run, sid)) as tmp:
+                tmp.write_bytes(b"")
+            counts["tombstoned"] += 1
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-reader") as pool:
+        pending = pool.submit(read, todo[0]) if todo else None
+        for i, sid in enumerate(progress(todo, desc=f"embed {run}", unit="subject")):
+            patches = pending.result()
+            pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            features = embed_patches(encoder, patches, locations, meta["settings"]["normalise"], batch_size, device)
+            write_npy(layout.embedding(run, sid), features)
+            counts["embedded"] += 1
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.data import patch_subjects, read_grid
+    from models.train import resolve_device
+    from pipeline.cli import stage_settings
+    from pipeline.layout import Layout
+
+    settings = stage_settings(args, "embed")
+    layout = Layout(args.work)
+    device = resolve_device(args.device or settings["device"])
+    sids, ok_sids = patch_subjects(layout, args.subjects)
+    grid = read_grid(layout.grid())
+    counts = embed_cohort(layout.encoder(args.run), layout, args.run, sids, ok_sids, grid["locations"],
+                          batch_size=int(settings["batch_size"]), device=device)
+    log.info("embed %s: %d subjects embedded, %d tombstones (patches not ok) on %s", args.run,
+             counts["embedded"], counts["tombstoned"], device)
+    return 0

@@ -1,0 +1,65 @@
+"""Stage ``train``: train one run's patch encoder on every subject whose patches are ok.
+
+``copdssl train --run NAME --subjects work/subjects.tsv --work work [--device auto|cpu|cuda]``
+writes ``work/runs/NAME/{encoder.pt, history.tsv, checkpoint.pt}``. An existing checkpoint with
+the same settings and subjects is resumed (exactly); one written with other settings is ignored
+and training starts fresh (logged). Only subjects whose patches status is ok are used.
+
+Multi-GPU: ``torchrun --nproc_per_node N -m pipeline -- train --run NAME ...`` (equivalently
+``python -m torch.distributed.run ...``) runs N processes with DDP; each trains a share of every
+batch (``batch_size`` is the global batch) and rank 0 writes the files. The ``--`` matters:
+without it torchrun's own parser reads ``--run`` as an abbreviation of its ``--run-path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run name (a key of `runs` in the config)")
+    parser.add_argument("--subjects", required=True, help="screened subjects table (work/subjects.tsv)")
+    parser.add_argument("--work", required=True, help="work directory (patches, atlas grid, runs)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimisation steps in total "
+                        "(checkpointed; a later call without it continues the run)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also checkpoint every N steps inside an epoch (default: once per epoch)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.data import PatchStore, patch_subjects, read_grid
+    from models.distributed import cleanup, init_from_env
+    from models.train import Trainer
+    from pipeline.cli import stage_settings
+    from pipeline.errors import ConfigError
+    from pipeline.layout import Layout
+
+    settings = stage_settings(args, "train")
+    layout = Layout(args.work)
+    _, sids = patch_subjects(layout, args.subjects)
+    if len(sids) < 2:
+        raise ConfigError(f"run {args.run}: training needs at least 2 subjects with ok patches, found {len(sids)}")
+    grid = read_grid(layout.grid())
+    store = PatchStore([layout.patches(sid) for sid in sids], sids)
+    if store.item_shape != (grid["patch_size"],) * 3:
+        raise ConfigError(f"run {args.run}: patch files are {store.shape} but {layout.grid()} says patch_size "
+                          f"{grid['patch_size']}")
+    ctx = init_from_env(args.device or settings["device"])
+    try:
+        if ctx.rank == 0:
+            log.info("run %s: %d subjects x %d locations, patch %d^3, %d process(es) on %s", args.run, len(sids),
+                     store.num_locations, grid["patch_size"], ctx.world_size, ctx.device)
+        try:
+            trainer = Trainer(settings, store, grid["locations"], encoder_path=layout.encoder(args.run),
+                              history_path=layout.history(args.run), checkpoint_path=layout.checkpoint(args.run),
+                              dist=ctx, checkpoint_every=args.checkpoint_every, sids=sids, run_name=args.run)
+        except ValueError as error:
+            raise ConfigError(f"run {args.run}: {error}") from None
+        trainer.fit(args.max_steps)
+    finally:
+        cleanup()
+    return 0
