@@ -78,6 +78,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # `torchrun ... -m pipeline -- train ...` keeps torchrun off our options
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0

@@ -94,7 +94,7 @@ def launcher(wildcards, resources):
     """`torchrun --nproc_per_node N` when the train job has more than one GPU, else the plain CLI."""
     gpus = int(resources.get("gpu", 0) or 0)
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline"
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline --"
     return "copdssl"
 
 
