@@ -1,0 +1,216 @@
+"""Atlas: median-volume subject, crop, patch grid, lung fractions and the adjacency graph."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.atlas import (GridSpec, adjacency, box_sums, build_grid, choose_atlas_subject, crop_atlas, load_grid,
+                            run_atlas)
+from pipeline.errors import CopdsslError
+from tests.preprocess_fixtures import synthetic_chest
+
+GRID_KEYS = {"corners": (np.int32, 2), "centers_mm": (np.float64, 2), "locations": (np.float32, 2),
+             "lung_fraction": (np.float32, 1), "edges": (np.int64, 2), "edge_weight": (np.float32, 1),
+             "patch_size": (np.int64, 0), "step": (np.int64, 0), "spacing_mm": (np.float64, 0)}
+
+
+def _labels(array: np.ndarray, spacing: float = 2.0, origin=(-10.0, 5.0, 30.0)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing((spacing,) * 3)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_choose_atlas_subject_takes_the_median_volume():
+    assert choose_atlas_subject({"a": 5.0, "b": 3.0, "c": 4.1, "d": 9.0, "e": 1.0}) == "c"
+    # even count: the median 4.5 is equidistant from 4 and 5 -> first sid in sort order
+    assert choose_atlas_subject({"z": 5.0, "y": 4.0, "x": 1.0, "w": 8.0}) == "y"
+    with pytest.raises(ValueError):
+        choose_atlas_subject({})
+
+
+def test_grid_spec_rejects_bad_values():
+    for kwargs in ({"patch_size": 0}, {"step": -1}, {"patch_size": 3.5}, {"min_lung_fraction": 1.5},
+                   {"adjacency_cutoff": -0.1}, {"step": True}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            GridSpec(**kwargs)
+    assert GridSpec(patch_size=8, step=10).margin == 10
+
+
+def test_crop_keeps_physical_positions_and_pads():
+    array = np.zeros((20, 30, 40), np.uint8)
+    array[2:10, 5:25, 3:30] = 1  # lung box touching near the array edge: the margin needs padding
+    labels = _labels(array)
+    cropped = crop_atlas(labels, margin=4)
+    out = sitk.GetArrayFromImage(cropped)
+    assert out.shape == (8 + 8, 20 + 8, 27 + 8)
+    assert out.sum() == array.sum()
+    # voxel [4, 4, 4] of the crop is the first lung voxel [2, 5, 3] of the original, at the same point
+    assert out[4, 4, 4] == 1 and out[3, 4, 4] == 0
+    assert cropped.TransformIndexToPhysicalPoint((4, 4, 4)) == labels.TransformIndexToPhysicalPoint((3, 5, 2))
+
+
+def test_box_sums_match_brute_force():
+    rng = np.random.default_rng(0)
+    mask = rng.random((15, 16, 17)) < 0.3
+    corners = np.array([[0, 0, 0], [3, 4, 5], [10, 11, 12], [7, 0, 9]])
+    expected = [mask[z:z + 5, y:y + 5, x:x + 5].sum() for z, y, x in corners]
+    assert box_sums(mask, corners, 5).tolist() == expected
+    with pytest.raises(ValueError, match="margin"):
+        box_sums(mask, np.array([[12, 0, 0]]), 5)
+
+
+def _brute_force_edges(corners: np.ndarray, size: int, cutoff: float) -> dict[tuple[int, int], float]:
+    """Overlap / S³ of every pair of boxes, by direct intersection."""
+    edges = {}
+    for p, q in itertools.permutations(range(len(corners)), 2):
+        overlap = np.prod(np.clip(size - np.abs(corners[p] - corners[q]), 0, None)) / size**3
+        if overlap > 0 and overlap >= cutoff:
+            edges[(p, q)] = overlap
+    return edges
+
+
+@pytest.mark.parametrize("size,step,cutoff", [(8, 6, 0.13), (8, 6, 0.0), (32, 26, 0.13), (10, 4, 0.2)])
+def test_adjacency_matches_brute_force_overlaps(size, step, cutoff):
+    rng = np.random.default_rng(size + step)
+    lattice = np.argwhere(rng.random((4, 5, 6)) < 0.6)
+    edges, weights = adjacency(lattice, size, step, cutoff)
+    found = {(int(a), int(b)): float(w) for (a, b), w in zip(edges.T, weights)}
+    expected = _brute_force_edges(lattice * step, size, cutoff)
+    assert found.keys() == expected.keys()
+    for key, weight in expected.items():
+        assert found[key] == pytest.approx(weight, rel=1e-6)
+    assert edges.dtype == np.int64 and weights.dtype == np.float32
+    assert np.all(np.diff(edges[0]) >= 0)  # sorted by source
+
+
+def test_grid_of_a_box_lung_is_analytic():
+    """A 40×40×40-voxel box lung, S=16, T=12: the lattice, fractions, locations and edges are known."""
+    S, T = 16, 12
+    array = np.zeros((80, 80, 80), np.uint8)
+    array[20:60, 20:60, 20:40] = 1  # right half
+    array[20:60, 20:60, 40:60] = 2  # left half
+    atlas = crop_atlas(_labels(array, spacing=1.5, origin=(100.0, -50.0, 7.0)), GridSpec(S, T).margin)
+    grid = build_grid(atlas, GridSpec(patch_size=S, step=T, min_lung_fraction=0.5, adjacency_cutoff=0.13))
+    for key, (dtype, ndim) in GRID_KEYS.items():
+        assert grid[key].dtype == dtype and grid[key].ndim == ndim, key
+    # 40 voxels covered by ceil((40 - 16) / 12) + 1 = 3 patches per axis, span 40: no overhang
+    axis = 16 + 12 * np.arange(3)  # the crop margin is 16 voxels, so the box starts at 16
+    expected_corners = np.array(list(itertools.product(axis, axis, axis)))
+    assert np.array_equal(grid["corners"], expected_corners)
+    assert np.all(grid["lung_fraction"] == 1.0)
+    # the lung bounding box spans voxels 16..55 of the crop -> centres map to [-1, 1]
+    centres = expected_corners + 7.5
+    assert np.allclose(grid["locations"], 2 * (centres - 16) / 39 - 1)
+    assert grid["locations"].min() >= -1 and grid["locations"].max() <= 1
+    # physical centres: origin + spacing * index, in (x, y, z) order
+    origin = np.asarray(atlas.GetOrigin())
+    assert np.allclose(grid["centers_mm"], origin + 1.5 * centres[:, ::-1])
+    # 27 patches on a 3×3×3 lattice: 2·3·(3·3·2) = 108 directed face-neighbour edges of weight (S-T)/S
+    assert grid["edges"].shape == (2, 108)
+    assert np.allclose(grid["edge_weight"], (S - T) / S)
+    assert int(grid["patch_size"]) == S and int(grid["step"]) == T and float(grid["spacing_mm"]) == 1.5
+
+
+def test_adult_lung_at_1mm_gives_a_few_hundred_connected_patches():
+    chest = synthetic_chest(2.0, seed=3, scale=1.15)
+    array = sitk.GetArrayFromImage(chest.labels)
+    fine = array.repeat(2, 0).repeat(2, 1).repeat(2, 2)  # 1 mm labels
+    volume_l = np.count_nonzero(fine) / 1e6
+    assert 3.5 < volume_l < 6.5
+    spec = GridSpec(patch_size=32, step=26, min_lung_fraction=0.25, adjacency_cutoff=0.13)
+    atlas = crop_atlas(_labels(fine, spacing=1.0), spec.margin)
+    grid = build_grid(atlas, spec)
+    P = len(grid["corners"])
+    assert 200 <= P <= 800
+    assert np.all(grid["lung_fraction"] >= 0.25)
+    edges, weights = grid["edges"], grid["edge_weight"]
+    # undirected: every edge is listed both ways with the same weight; no self-loops
+    forward = {(int(a), int(b)): float(w) for (a, b), w in zip(edges.T, weights)}
+    assert all(forward[(b, a)] == w for (a, b), w in forward.items())
+    assert not np.any(edges[0] == edges[1])
+    assert np.all((weights >= 0.13) & (weights <= 1.0))
+    # with S=32, T=26 only face neighbours pass 0.13: weight 6/32; corners differ by one step on one axis
+    assert np.allclose(weights, 6 / 32)
+    diffs = np.abs(grid["corners"][edges[0]] - grid["corners"][edges[1]])
+    assert np.all(np.sort(diffs, axis=1) == [0, 0, 26])
+    # every patch has a neighbour (the lung grid is one piece)
+    assert np.unique(edges[0]).size == P
+
+
+def _stage_inputs(tmp_path, volumes: dict[str, float], failed: set[str]):
+    """A work directory with subjects.tsv, lung statuses, densitometry and lung masks."""
+    from pipeline.ct_io import write_volume
+    from pipeline.layout import Layout
+
+    layout = Layout(work=tmp_path / "work")
+    rows = ["sid\timage\tformat"]
+    for sid, volume in volumes.items():
+        rows.append(f"{sid}\timages/{sid}.nii.gz\tnifti")
+        status = {"sid": sid, "stage": "lung", "status": "failed" if sid in failed else "ok"}
+        layout.status("lung", sid).parent.mkdir(parents=True, exist_ok=True)
+        layout.status("lung", sid).write_text(json.dumps(status))
+        layout.density(sid).parent.mkdir(parents=True, exist_ok=True)
+        layout.density(sid).write_text(json.dumps({"total": {"volume_l": volume}}))
+        array = np.zeros((30, 30, 30), np.uint8)
+        array[8:20, 6:24, 5:14] = 1
+        array[8:20, 6:24, 16:25] = 2
+        write_volume(_labels(array), layout.lung(sid))
+    layout.subjects().write_text("\n".join(rows) + "\n")
+    return layout
+
+
+def test_stage_uses_the_median_subject_among_ok_ones(tmp_path):
+    # c (4.0 L) would be the median of all five, but it failed its lung stage
+    volumes = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 5.0, "e": 6.0}
+    layout = _stage_inputs(tmp_path, volumes, failed={"c"})
+    summary = run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
+                        out_grid=layout.grid(), settings={"patch_size": 4, "step": 3, "min_lung_fraction": 0.25,
+                                                          "adjacency_cutoff": 0.13})
+    # ok volumes 2, 3, 5, 6 -> median 4; b and d are equally close -> b (sort order)
+    assert summary["atlas_sid"] == "b" and summary["n_subjects"] == 4
+    atlas = sitk.ReadImage(str(layout.atlas_mask()))
+    array = sitk.GetArrayFromImage(atlas)
+    assert array.shape == (12 + 8, 18 + 8, 20 + 8)  # lung box plus a margin of S = 4 voxels
+    assert set(np.unique(array)) == {0, 1, 2}
+    grid = load_grid(layout.grid())
+    assert set(grid) == set(GRID_KEYS)
+    assert len(grid["corners"]) == summary["patches"] > 0
+
+
+def test_stage_without_ok_subjects_stops(tmp_path):
+    layout = _stage_inputs(tmp_path, {"a": 2.0}, failed={"a"})
+    with pytest.raises(CopdsslError, match="no subject"):
+        run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
+                  out_grid=layout.grid(), settings={})
+    assert not layout.grid().exists()
+
+
+def test_cli_builds_the_atlas(tmp_path):
+    from pipeline.cli import main
+
+    layout = _stage_inputs(tmp_path, {"a": 2.0, "b": 3.0, "c": 4.0}, failed=set())
+    code = main(["atlas", "--subjects", str(layout.subjects()), "--work", str(layout.work),
+                 "--out-atlas", str(layout.atlas_mask()), "--out-grid", str(layout.grid()),
+                 "--log", str(tmp_path / "atlas.log"),
+                 "--settings", json.dumps({"patch_size": 6, "step": 5, "min_lung_fraction": 0.25,
+                                           "adjacency_cutoff": 0.13})])
+    assert code == 0
+    assert "atlas: subject b" in (tmp_path / "atlas.log").read_text()
+    grid = load_grid(layout.grid())
+    assert int(grid["patch_size"]) == 6 and int(grid["step"]) == 5
+
+
+def test_bad_settings_are_config_errors(tmp_path):
+    from pipeline.errors import ConfigError
+
+    layout = _stage_inputs(tmp_path, {"a": 2.0}, failed=set())
+    for settings, key in (({"patch_size": 0}, "atlas.patch_size"), ({"method": "mean"}, "atlas.method")):
+        with pytest.raises(ConfigError, match=key):
+            run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
+                      out_grid=layout.grid(), settings=settings)
