@@ -79,6 +79,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     """Validate ``config`` (a copy is returned with defaults filled in)."""
     schema = schema or load_schema()
     config = copy.deepcopy(config or {})
+    _derive_synthetic_paths(config)
     _validate(config, schema)
     train_schema = {"$defs": schema["$defs"], **schema["$defs"]["train"]}
     for name in config["runs"]:
@@ -88,6 +89,17 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
         _validate(resolved, train_schema, prefix=f"runs.{name}")
     _check_synthetic_paths(config)
     return config
+
+
+def _derive_synthetic_paths(config: dict[str, Any]) -> None:
+    """With the synthetic source, unset cohort paths default to the generator's outputs."""
+    cohort = config.get("cohort") or {}
+    if not isinstance(cohort, dict) or cohort.get("source", "synthetic") != "synthetic":
+        return
+    synthetic = config.get("synthetic") or {}
+    out_dir = Path(synthetic.get("out_dir", "data/synthetic")) if isinstance(synthetic, dict) else Path("data/synthetic")
+    config["cohort"] = {"manifest": str(out_dir / "subjects.tsv"), "phenotypes": str(out_dir / "phenotypes.tsv"),
+                        "truth": str(out_dir / "truth.tsv"), **cohort}
 
 
 def _check_synthetic_paths(config: dict[str, Any]) -> None:

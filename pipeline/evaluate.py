@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.baselines import ORACLE_FACTORS
 from pipeline.errors import ConfigError, CopdsslError, SubjectError
 
 log = logging.getLogger(__name__)
 
 KINDS = ("regression", "ordinal")
 TRANSFORMS = ("none", "log")
-ORACLE_FACTORS = ("cle", "pse", "awt")
+BINARY_FACTORS = ("kernel",)  # two-level text factors of truth.tsv that the read-out codes 0/1
 METRIC_COLUMNS = ("outcome", "metric", "repeat", "value", "n")
 PREDICTION_COLUMNS = ("sid", "outcome", "repeat", "observed", "predicted")
 READOUT_COLUMNS = ("factor", "repeat", "r2")
@@ -277,10 +278,28 @@ def score(predictions, kinds: Mapping[str, str]):
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
-def readout_factors(truth) -> list[str]:
-    """Numeric, non-constant truth columns: the oracle factors first, then the nuisance factors."""
-    numeric = [c for c in truth.columns if truth[c].dtype.kind in "fiu" and truth[c].dropna().nunique() > 1]
-    return [c for c in ORACLE_FACTORS if c in numeric] + [c for c in numeric if c not in ORACLE_FACTORS]
+def readout_factors(truth):
+    """The latent factors to read out, as a numeric DataFrame indexed like ``truth``.
+
+    Numeric, non-constant columns defined for every subject (a factor that only some subjects
+    have, like a site's padding value, is not a property of every image), plus two-level text
+    factors such as the reconstruction kernel, coded 0/1 as ``<name>=<second level>``. The
+    oracle factors come first.
+    """
+    import pandas as pd
+
+    columns = {}
+    for name in truth.columns:
+        values = truth[name]
+        if values.isna().any() or values.nunique() < 2:
+            continue
+        if values.dtype.kind in "fiu":
+            columns[name] = values.astype(float)
+        elif name in BINARY_FACTORS and values.nunique() == 2:
+            levels = sorted(values.unique())
+            columns[f"{name}={levels[1]}"] = (values == levels[1]).astype(float)
+    order = [c for c in ORACLE_FACTORS if c in columns] + [c for c in columns if c not in ORACLE_FACTORS]
+    return pd.DataFrame({c: columns[c] for c in order}, index=truth.index)
 
 
 def evaluate(sids: Sequence[str], X: np.ndarray, folds, phenotypes, settings: Mapping[str, Any],
@@ -310,9 +329,9 @@ def evaluate(sids: Sequence[str], X: np.ndarray, folds, phenotypes, settings: Ma
     metrics = score(predictions, {name: kind for name, (kind, _) in targets.items()})
     readout = pd.DataFrame(columns=list(READOUT_COLUMNS))
     if truth is not None:
-        factors = readout_factors(truth)
-        factor_targets = {f: ("regression", pd.to_numeric(truth[f].reindex(list(sids)), errors="coerce"))
-                          for f in factors}
+        factor_table = readout_factors(truth)
+        factors = list(factor_table.columns)
+        factor_targets = {f: ("regression", factor_table[f].reindex(list(sids))) for f in factors}
         factor_predictions = cross_validate(sids, X, folds, factor_targets, settings, n_jobs=n_jobs,
                                             desc=f"{desc} read-out")
         factor_metrics = score(factor_predictions, dict.fromkeys(factors, "regression"))

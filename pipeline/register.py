@@ -222,8 +222,8 @@ def _transform_summary(transform) -> dict[str, Any]:
 # ---- stage ---------------------------------------------------------------------------------
 
 
-def register_options(settings: dict[str, Any]) -> tuple[float, list[int], int]:
-    """Check the config's ``register`` section: ``(min_dice, shrink_factors, iterations)``.
+def register_options(settings: dict[str, Any]) -> tuple[float, list[int], int, float]:
+    """Check the config's ``register`` section: ``(min_dice, shrink_factors, iterations, working_spacing_mm)``.
 
     Raises:
         ConfigError: naming the offending key.
@@ -240,7 +240,10 @@ def register_options(settings: dict[str, Any]) -> tuple[float, list[int], int]:
         raise ConfigError(f"config key 'register.shrink_factors': {shrink!r} is not a non-empty list of integers >= 1")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ConfigError(f"config key 'register.iterations': {iterations!r} is not an integer >= 1")
-    return float(min_dice), list(shrink), int(iterations)
+    working = settings.get("working_spacing_mm", WORKING_SPACING_MM)
+    if isinstance(working, bool) or not isinstance(working, (int, float)) or not working > 0:
+        raise ConfigError(f"config key 'register.working_spacing_mm': {working!r} is not a number > 0")
+    return float(min_dice), list(shrink), int(iterations), float(working)
 
 
 def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=(),
@@ -255,7 +258,7 @@ def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=
     """
     from pipeline.status import run_subject_stage
 
-    min_dice, shrink_factors, iterations = register_options(settings or {})
+    min_dice, shrink_factors, iterations, working_spacing_mm = register_options(settings or {})
 
     def work() -> dict[str, Any]:
         import SimpleITK as sitk
@@ -271,7 +274,8 @@ def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=
             check_canonical(image, sid, STAGE)
         if not sitk.GetArrayViewFromImage(subject).any():
             raise SubjectError(sid, f"lung mask {lung_path} is empty", STAGE)
-        transform, info = register_masks(atlas, subject, shrink_factors=shrink_factors, iterations=iterations)
+        transform, info = register_masks(atlas, subject, shrink_factors=shrink_factors, iterations=iterations,
+                                         working_spacing_mm=working_spacing_mm)
         dice = label_dice(atlas, subject, transform)
         rounded = {k: round(v, 4) for k, v in dice.items()}
         flagged = dice_verdict(dice, min_dice, sid)

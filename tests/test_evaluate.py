@@ -58,10 +58,12 @@ def test_evaluate_stage_end_to_end(tmp_path):
     cle = predictions[predictions["outcome"] == "CLE"]
     assert set(cle["predicted"]) <= set(range(6))
 
-    # read-out: the moco features carry cle and pse but not awt (see eval_fixtures); text factors skipped
+    # read-out: the moco features carry cle and pse but not awt (see eval_fixtures); the two-level
+    # kernel is coded 0/1, other text factors are skipped
     readout = read(out / "readout.tsv")
     assert list(readout.columns) == ["factor", "repeat", "r2"]
-    assert list(dict.fromkeys(readout["factor"])) == ["cle", "pse", "awt", "noise_hu", "density_shift_hu", "site"]
+    assert list(dict.fromkeys(readout["factor"])) == ["cle", "pse", "awt", "kernel=smooth", "noise_hu",
+                                                            "density_shift_hu", "site"]
     r2 = readout.groupby("factor")["r2"].mean()
     assert r2["cle"] > 0.8 and r2["pse"] > 0.8 and r2["awt"] < 0.15 and r2["noise_hu"] < 0.15
 
@@ -191,3 +193,16 @@ def test_bad_outcome_values_name_the_subject(tmp_path):
     features.write_text("sid\tf0\tf1\nA\t1.0\t2.0\nB\t3.0\tNA\n")
     with pytest.raises(SubjectError, match="subject B \\[evaluate\\]: feature f1 is missing"):
         read_features(features)
+
+
+def test_readout_factors_skip_partial_and_code_the_kernel():
+    import pandas as pd
+
+    from pipeline.evaluate import readout_factors
+
+    truth = pd.DataFrame({"awt": [1.0, 1.2, 0.8], "cle": [0.1, 0.0, 0.2], "padding_hu": [None, -2048, None],
+                          "kernel": ["sharp", "smooth", "sharp"], "format": ["nifti", "dicom", "nifti"],
+                          "scale": [1.0, 1.0, 1.0]}, index=["A", "B", "C"])
+    table = readout_factors(truth)
+    assert list(table.columns) == ["cle", "awt", "kernel=smooth"]
+    assert table["kernel=smooth"].tolist() == [0.0, 1.0, 0.0]

@@ -149,8 +149,9 @@ def test_bad_settings_are_config_errors():
     from pipeline.errors import ConfigError
     from pipeline.register import register_options
 
-    assert register_options({}) == (0.85, [4, 2, 1], 200)
+    assert register_options({}) == (0.85, [4, 2, 1], 200, 5.0)
     for settings, key in (({"min_dice": 1.5}, "min_dice"), ({"shrink_factors": []}, "shrink_factors"),
-                          ({"shrink_factors": [2, 0]}, "shrink_factors"), ({"iterations": 0}, "iterations")):
+                          ({"shrink_factors": [2, 0]}, "shrink_factors"), ({"iterations": 0}, "iterations"),
+                          ({"working_spacing_mm": 0}, "working_spacing_mm")):
         with pytest.raises(ConfigError, match=f"register.{key}"):
             register_options(settings)

@@ -14,7 +14,7 @@ if SYNTHETIC:
         benchmark:
             LAYOUT.benchmark("cohort")
         params:
-            out_dir=SYNTH_DIR,
+            out_dir=lambda w, output: os.path.dirname(output.manifest),
             settings=settings("synthetic"),
         threads: 8
         conda:
@@ -37,7 +37,7 @@ if SYNTHETIC:
         benchmark:
             LAYOUT.benchmark("cohort", "preview")
         params:
-            out_dir=SYNTH_DIR,
+            out_dir=lambda w, input: os.path.dirname(input[0]),
             settings=settings("synthetic"),
         conda:
             "../../environment.yml"

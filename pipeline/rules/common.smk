@@ -64,11 +64,11 @@ def settings(section):
     Passing the settings as a parameter makes Snakemake rerun exactly the jobs whose settings
     changed (params are a rerun trigger).
     """
-    return json.dumps(config[section], sort_keys=True)
+    return json.dumps(config[section])
 
 
 def run_settings_json(wildcards):
-    return json.dumps(run_settings(config, wildcards.run), sort_keys=True)
+    return json.dumps(run_settings(config, wildcards.run))
 
 
 def subject_image(wildcards):

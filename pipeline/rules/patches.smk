@@ -4,6 +4,7 @@
 rule patches:
     input:
         ct=LAYOUT.ct("{sid}"),
+        lung=LAYOUT.lung("{sid}"),
         transform=LAYOUT.transform("{sid}"),
         grid=LAYOUT.grid(),
         upstream=LAYOUT.status("register", "{sid}"),
@@ -19,6 +20,6 @@ rule patches:
     conda:
         "../../environment.yml"
     shell:
-        "copdssl patches --sid {wildcards.sid} --ct {input.ct:q} --transform {input.transform:q}"
+        "copdssl patches --sid {wildcards.sid} --ct {input.ct:q} --lung {input.lung:q} --transform {input.transform:q}"
         " --grid {input.grid:q} --upstream {input.upstream:q} --out {output.patches:q}"
         " --status {output.status:q} --settings {params.settings:q} --log {log:q}"

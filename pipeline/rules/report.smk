@@ -23,7 +23,7 @@ rule report:
     params:
         work=LAYOUT.work,
         results=LAYOUT.results,
-        settings=json.dumps(config, sort_keys=True),
+        settings=json.dumps(config),
     conda:
         "../../environment.yml"
     shell:

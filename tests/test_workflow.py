@@ -1,0 +1,216 @@
+"""The Snakemake workflow itself: dry runs, lint, the SLURM profile, and tiny end-to-end runs.
+
+The end-to-end runs use the real rules and CLI on a tiny synthetic cohort (96x96x80 voxels,
+4 mm working resolution, 8^3 patches, a few training steps), so they check wiring, file
+contracts and failure isolation, not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "synthetic": {"n_subjects": 12, "seed": 7, "shape": [96, 96, 80], "dicom_fraction": 0.25,
+                  "reoriented_fraction": 0.25, "preview_subjects": 2},
+    "ingest": {"spacing_mm": 4.0},
+    "atlas": {"patch_size": 8, "step": 6, "min_lung_fraction": 0.25},
+    "register": {"min_dice": 0.6},
+    "train": {"epochs": 1, "steps_per_epoch": 3, "batch_size": 4, "encoder": {"widths": [4, 8]},
+              "moco": {"queue_size": 8},
+              "graph": {"epochs": 2, "batch_size": 4, "queue_size": 8, "hidden_dim": 16}},
+    "runs": {"random_init": {"epochs": 0, "graph": {"enabled": False}},
+             "moco": {"loss": {"method": "none"}},
+             "ifm_e0.5": {"loss": {"method": "ifm", "epsilon": 0.5}}},
+    "embed": {"batch_size": 64},
+    "evaluate": {"n_folds": 3, "repeats": 2, "inner_folds": 2, "pca_components": [2],
+                 "ridge_alphas": [1.0, 100.0]},
+}
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(directory: Path, config: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(directory),
+                           "--configfile", str(config), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def jobs_of(dry_run_output: str) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    counts, in_table = {}, False
+    for line in dry_run_output.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+                counts[parts[0]] = int(parts[1])
+            elif parts and parts[0] == "total":
+                break
+    return counts
+
+
+def test_default_config_dry_run_and_lint(tmp_path):
+    config = ROOT / "config" / "config.yaml"
+    dry = snakemake(tmp_path, config, "-n")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = jobs_of(dry.stdout + dry.stderr)
+    n = yaml.safe_load(config.read_text())["synthetic"]["n_subjects"]
+    assert jobs["ingest"] == jobs["lung"] == jobs["register"] == jobs["patches"] == n
+    assert jobs["cohort"] == 1 and jobs["report"] == 1
+    assert jobs["train"] == len(yaml.safe_load(config.read_text())["runs"])
+    lint = snakemake(tmp_path, config, "--lint")
+    assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
+    assert "Congratulations, your workflow is in a good condition" in lint.stdout + lint.stderr
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="the optional [slurm] extra is not installed")
+    manifest = tmp_path / "manifest.tsv"
+    (tmp_path / "img").mkdir()
+    rows = ["sid\timage"]
+    for i in range(3):
+        (tmp_path / "img" / f"S{i}.nii.gz").touch()
+        rows.append(f"S{i}\timg/S{i}.nii.gz")
+    manifest.write_text("\n".join(rows) + "\n")
+    (tmp_path / "pheno.tsv").write_text("sid\tFEV1pp_utah\n")
+    config = write_config(tmp_path, {"cohort": {"source": "manifest", "manifest": str(manifest),
+                                                "phenotypes": str(tmp_path / "pheno.tsv")},
+                                     "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
+    dry = snakemake(tmp_path, config, "-n", "--profile", str(ROOT / "profiles" / "slurm"))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert jobs_of(dry.stdout + dry.stderr)["ingest"] == 3
+
+
+class _Tables(HTMLParser):
+    """Collects the text of every table cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[str] = []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("td", "th"):
+            self._in_cell = True
+            self.cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells[-1] += data
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole workflow on a tiny synthetic cohort (synthetic source, the default path)."""
+    directory = tmp_path_factory.mktemp("tiny")
+    config = write_config(directory, TINY)
+    result = snakemake(directory, config, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return directory, config
+
+
+def test_end_to_end_report(tiny_run):
+    directory, _ = tiny_run
+    qc = read_tsv(directory / "results" / "qc.tsv")
+    assert len(qc) == TINY["synthetic"]["n_subjects"]
+    assert all(row["status"] == "ok" for row in qc), [(r["sid"], r["reason"]) for r in qc if r["status"] != "ok"]
+
+    html = (directory / "results" / "report.html").read_text()
+    parser = _Tables()
+    parser.feed(html)
+    cells = " | ".join(parser.cells)
+    for row in ("densitometry", "random_init", "moco", "ifm_e0.5", "oracle"):
+        assert row in cells, row
+    for column in ("logFEV1pp", "logFEV1FVC", "CLE", "Paraseptal", "mMRC"):
+        assert column in cells, column
+    assert "±" in cells
+    for figure in ("training_curves", "patch_grid", "scatter_logFEV1pp", "confusion_CLE", "readout"):
+        assert (directory / "results" / "figures" / f"{figure}.png").stat().st_size > 1000
+
+    metrics = read_tsv(directory / "results" / "ifm_e0.5" / "gnn" / "metrics.tsv")
+    assert {m["outcome"] for m in metrics} == set(["logFEV1pp", "logFEV1FVC", "CLE", "Paraseptal", "mMRC"])
+    embedding = directory / "work" / "runs" / "moco" / "embeddings" / f"{qc[0]['sid']}.npy"
+    assert embedding.stat().st_size > 0
+
+
+def test_rerun_is_a_no_op_and_forcerun_is_targeted(tiny_run):
+    directory, config = tiny_run
+    again = snakemake(directory, config, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+    forced = snakemake(directory, config, "-n", "--forcerun", "report")
+    assert jobs_of(forced.stdout + forced.stderr) == {"report": 1, "all": 1}
+
+
+def test_bad_subjects_are_isolated(tiny_run, tmp_path):
+    """Manifest source: a corrupt file, a non-CT series, a duplicate and an unsafe ID go to the QC
+    table with their reasons; the other subjects are trained on and pooled as usual."""
+    source, _ = tiny_run
+    images = source / "data" / "synthetic" / "images"
+    good = sorted(p for p in images.iterdir() if p.name.endswith(".nii.gz"))[:6]
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["sid\timage\tformat"]
+    for path in good:
+        shutil.copy(path, data / path.name)
+        rows.append(f"{path.name[:-7]}\t{path.name}\tnifti")
+    truncated = data / "TRUNC.nii.gz"
+    truncated.write_bytes(good[0].read_bytes()[:2000])
+    rows.append("TRUNC\tTRUNC.nii.gz\tnifti")
+    rows.append(f"{good[1].name[:-7]}\t{good[1].name}\tnifti")  # duplicate ID
+    rows.append("../escape\tx.nii.gz\tnifti")
+    (data / "manifest.tsv").write_text("\n".join(rows) + "\n")
+    shutil.copy(source / "data" / "synthetic" / "phenotypes.tsv", data / "phenotypes.tsv")
+    raw_before = {p.name: p.read_bytes() for p in data.iterdir()}
+
+    config = {k: v for k, v in TINY.items() if k != "synthetic"}
+    config["cohort"] = {"source": "manifest", "manifest": str(data / "manifest.tsv"),
+                        "phenotypes": str(data / "phenotypes.tsv")}
+    config["evaluate"] = {**TINY["evaluate"], "baselines": ["densitometry"]}
+    config_path = write_config(tmp_path, config)
+    result = snakemake(tmp_path, config_path, "--cores", "2", "results/qc.tsv", "work/runs/moco/features_mean.tsv")
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    qc = {row["sid"]: row for row in read_tsv(tmp_path / "results" / "qc.tsv")}
+    assert qc["TRUNC"]["status"] == "failed" and qc["TRUNC"]["failed_stage"] == "ingest"
+    assert "truncated or corrupt" in qc["TRUNC"]["reason"]
+    duplicate = good[1].name[:-7]
+    assert qc[duplicate]["status"] == "rejected" and "duplicate" in qc[duplicate]["reason"]
+    assert qc["../escape"]["status"] == "rejected" and "unsafe" in qc["../escape"]["reason"]
+    ok = sorted(sid for sid, row in qc.items() if row["status"] == "ok")
+    assert ok == sorted(p.name[:-7] for p in good if p != good[1])
+
+    features = read_tsv(tmp_path / "work" / "runs" / "moco" / "features_mean.tsv")
+    assert sorted(row["sid"] for row in features) == ok
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == raw_before, "raw inputs were modified"
