@@ -100,7 +100,9 @@ class BatchedAugment(nn.Module):
     ``grid_sample`` applies both and pads with ``pad_value``. Then, with probability
     ``noise_prob``, Gaussian noise of standard deviation ``noise_std_hu / intensity_scale``; then,
     with probability ``contrast_prob``, MONAI's ``AdjustContrast`` with gamma uniform in
-    ``contrast_gamma`` (min and max per sample).
+    ``contrast_gamma`` (min and max per sample); finally, when ``intensity_shift_hu > 0``, an
+    intensity offset uniform in ±``intensity_shift_hu`` per sample (what a different inspiration
+    level or scanner calibration does to a patch; 0, the reference's setting, turns it off).
 
     All random numbers come from the generator passed to :meth:`sample` / :meth:`forward`; a
     generator on the input's device avoids host-device copies. Two views are two calls.
@@ -120,6 +122,7 @@ class BatchedAugment(nn.Module):
         contrast_gamma: Sequence[float] = (0.7, 1.5),
         intensity_scale: float = 632.0,
         pad_value: float = -1.0,
+        intensity_shift_hu: float = 0.0,
     ):
         super().__init__()
         self.rotation_deg = _check_range("rotation_deg", rotation_deg, 0.0, 180.0)
@@ -130,6 +133,7 @@ class BatchedAugment(nn.Module):
         self.elastic_sigma = _check_range("elastic_sigma", elastic_sigma, 0.0, low_open=True)
         self.noise_std_hu = _check_range("noise_std_hu", noise_std_hu, 0.0)
         self.noise_prob = _check_range("noise_prob", noise_prob, 0.0, 1.0)
+        self.intensity_shift_hu = _check_range("intensity_shift_hu", intensity_shift_hu, 0.0)
         self.contrast_prob = _check_range("contrast_prob", contrast_prob, 0.0, 1.0)
         gamma = tuple(float(g) for g in contrast_gamma)
         if len(gamma) != 2 or not all(math.isfinite(g) and g > 0 for g in gamma) or gamma[0] > gamma[1]:
@@ -173,7 +177,8 @@ class BatchedAugment(nn.Module):
             order); ``elastic_on`` bool [N]; ``elastic`` [N, 3, c, c, c] control displacements in
             voxels (c = :meth:`control_points`); ``noise_index`` long [M] (samples receiving
             noise) and ``noise`` [M, 1, S, S, S] (in normalised units); ``contrast_on`` bool [N];
-            ``gamma`` [N].
+            ``gamma`` [N]; ``shift`` [N] intensity offsets in normalised units (only when
+            ``intensity_shift_hu > 0``, drawn last so the other draws do not depend on it).
         """
         if n < 1 or size < 1:
             raise ValueError(f"sample needs n >= 1 and size >= 1, got n={n}, size={size}")
@@ -201,6 +206,8 @@ class BatchedAugment(nn.Module):
         # noise only for the samples that get it (noise_prob of the batch): the largest draw
         params["noise"] = torch.randn(index.numel(), 1, size, size, size, generator=generator,
                                       device=gdev) * self.noise_std
+        if self.intensity_shift_hu > 0:
+            params["shift"] = uniform(n) * (self.intensity_shift_hu / self.intensity_scale)
         return {key: value.to(device) for key, value in params.items()}
 
     def sampling_grid(self, params: dict[str, Tensor], size: int, dtype=torch.float32) -> Tensor:
@@ -259,6 +266,10 @@ class BatchedAugment(nn.Module):
         if on.numel():
             adjusted = adjust_contrast(x[on], params["gamma"][on])
             x = x.index_copy_(0, on, adjusted) if owned else x.index_copy(0, on, adjusted)
+            owned = True
+        if "shift" in params:
+            shift = params["shift"].to(x.dtype).view(-1, 1, 1, 1, 1)
+            x = x.add_(shift) if owned else x + shift
         return x
 
     def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -299,7 +310,7 @@ def augment_from_settings(augment: dict[str, Any], normalise: dict[str, Any]) ->
     if scale <= 0:
         raise ValueError(f"normalise.scale must be > 0, got {scale!r}")
     keys = ("rotation_deg", "scale", "translation", "elastic_prob", "elastic_magnitude", "elastic_sigma",
-            "noise_std_hu", "noise_prob", "contrast_prob", "contrast_gamma")
+            "noise_std_hu", "noise_prob", "contrast_prob", "contrast_gamma", "intensity_shift_hu")
     unknown = sorted(set(augment) - set(keys))
     if unknown:
         raise ValueError(f"unknown augment setting(s): {', '.join(unknown)}")

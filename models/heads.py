@@ -45,24 +45,25 @@ def one_off_accuracy(y, pred) -> float:
         y: observed levels ``[n]``.
         pred: predicted levels ``[n]``.
     """
-    y = np.asarray(y, dtype=float)
-    pred = np.asarray(pred, dtype=float)
-    if y.shape != pred.shape or y.ndim != 1:
-        raise ValueError(f"y and pred must be 1-D arrays of equal length, got shapes {y.shape} and {pred.shape}")
-    if y.size == 0:
-        raise ValueError("one_off_accuracy of an empty set is undefined")
+    y, pred = _paired_levels(y, pred, "one_off_accuracy")
     return float(np.mean(np.abs(y - pred) <= 1))
 
 
 def accuracy(y, pred) -> float:
     """Fraction of exactly correct predictions ``mean(y == pred)`` (``[n]`` each)."""
+    y, pred = _paired_levels(y, pred, "accuracy")
+    return float(np.mean(y == pred))
+
+
+def _paired_levels(y, pred, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Observed and predicted levels as float arrays ``[n]``, checked to be 1-D, equal and non-empty."""
     y = np.asarray(y, dtype=float)
     pred = np.asarray(pred, dtype=float)
     if y.shape != pred.shape or y.ndim != 1:
         raise ValueError(f"y and pred must be 1-D arrays of equal length, got shapes {y.shape} and {pred.shape}")
     if y.size == 0:
-        raise ValueError("accuracy of an empty set is undefined")
-    return float(np.mean(y == pred))
+        raise ValueError(f"{what} of an empty set is undefined")
+    return y, pred
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -138,6 +138,19 @@ def test_noise_has_the_configured_standard_deviation_in_normalised_units():
     assert diff.mean().abs().item() < 0.01
 
 
+def test_intensity_shift_is_one_offset_per_sample_within_range():
+    aug = BatchedAugment(**STILL, intensity_shift_hu=63.2, intensity_scale=632.0)
+    x = _patches(64, 8)
+    diff = aug(x, torch.Generator().manual_seed(3)) - x
+    per_sample = diff.flatten(1)
+    assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-6)
+    offsets = per_sample[:, 0]
+    assert offsets.abs().max().item() <= 0.1 + 1e-6 and offsets.std().item() > 0.03
+    # off by default: no draw, so the other parameters are unchanged by the option's existence
+    default = BatchedAugment(**STILL).sample(4, 8, torch.Generator().manual_seed(0))
+    assert "shift" not in default
+
+
 def test_contrast_equals_monai_adjust_contrast():
     from monai.transforms import AdjustContrast
 

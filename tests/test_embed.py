@@ -13,7 +13,7 @@ from models.data import PatchStore
 from models.embed import embed_patches
 from models.train import Trainer
 from pipeline.cli import main as cli_main
-from tests.train_fixtures import make_cohort, restore_logging, tiny_settings  # noqa: F401 (fixture)
+from tests.train_fixtures import make_cohort, tiny_settings
 
 torch.set_num_threads(1)
 
@@ -36,7 +36,6 @@ def _reference(cohort, sid):
         return encoder.embed(x, torch.from_numpy(cohort.locations)).numpy()
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_cli_embeds_ok_subjects_and_tombstones_the_rest(trained):
     cohort = trained
     args = ["embed", "--run", "tiny", "--subjects", str(cohort.subjects_tsv), "--work", str(cohort.work),
@@ -64,7 +63,6 @@ def test_embed_patches_is_batch_size_invariant(trained):
     np.testing.assert_allclose(whole, single, rtol=1e-4, atol=1e-5)  # eval-mode BN: no batch coupling
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_embed_rejects_a_patch_file_with_the_wrong_shape(trained, tmp_path, capsys):
     cohort = trained
     bad = cohort.ok_sids[1]

@@ -20,7 +20,7 @@ from models.graph_train import GRAPH_HISTORY_COLUMNS, feature_stats, train_graph
 from models.train import Trainer
 from pipeline.cli import main as cli_main
 from pipeline.files import write_npy
-from tests.train_fixtures import lattice_grid, make_cohort, restore_logging, tiny_settings  # noqa: F401
+from tests.train_fixtures import lattice_grid, make_cohort, tiny_settings
 
 torch.set_num_threads(1)
 
@@ -150,7 +150,6 @@ def test_graph_moco_loss_falls_on_a_toy_set(tmp_path):
     assert not encoder.training
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_stage_train_graph(tmp_path, capsys):
     cohort = make_cohort(tmp_path, n_subjects=6, failed=(3,))
     settings = tiny_settings(epochs=0)

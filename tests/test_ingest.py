@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -29,19 +28,6 @@ def phantom():
     return phantom_hu((16, 24, 28), seed=5, padding=True)
 
 
-@pytest.fixture
-def restore_logging():
-    """cli.main reconfigures the root logger; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def _ingest_cli(tmp_path, sid, image, fmt, settings=SETTINGS):
     out, status, log = tmp_path / "ct" / f"{sid}.nii.gz", tmp_path / "qc" / f"{sid}.json", tmp_path / f"{sid}.log"
     code = main(["ingest", "--sid", sid, "--image", str(image), "--format", fmt, "--out", str(out),
@@ -49,7 +35,7 @@ def _ingest_cli(tmp_path, sid, image, fmt, settings=SETTINGS):
     return code, out, json.loads(status.read_text()), log.read_text()
 
 
-def test_dicom_and_nifti_of_the_same_volume_ingest_to_the_same_array(tmp_path, phantom, restore_logging):
+def test_dicom_and_nifti_of_the_same_volume_ingest_to_the_same_array(tmp_path, phantom):
     nifti = write_nifti(tmp_path / "raw" / "a.nii.gz", phantom, SPACING, ORIGIN, code="RAS")
     dicom = write_dicom_series(tmp_path / "raw" / "b", phantom, SPACING, ORIGIN, code="LPS")
     code_a, out_a, status_a, _ = _ingest_cli(tmp_path, "a", nifti, "nifti")
@@ -77,7 +63,7 @@ def test_dicom_and_nifti_of_the_same_volume_ingest_to_the_same_array(tmp_path, p
     assert hu[2] == np.percentile(values, 50)
 
 
-def test_no_patient_tag_leaves_the_dicom(tmp_path, phantom, restore_logging):
+def test_no_patient_tag_leaves_the_dicom(tmp_path, phantom):
     dicom = write_dicom_series(tmp_path / "raw", phantom, SPACING, ORIGIN)
     code, out, status, log = _ingest_cli(tmp_path, "p1", dicom, "dicom")
     assert code == 0 and status["status"] == "ok"
@@ -130,7 +116,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_fails_one_subject_with_one_clear_line(tmp_path, phantom, restore_logging, case):
+def test_bad_input_fails_one_subject_with_one_clear_line(tmp_path, phantom, case):
     make, cause = BAD_INPUTS[case]
     image, fmt = make(tmp_path / "raw", phantom)
     code, out, status, log = _ingest_cli(tmp_path, f"bad-{case}", image, fmt)

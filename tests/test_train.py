@@ -13,7 +13,7 @@ from models.checkpoint import load_encoder
 from models.data import PatchStore
 from models.train import HISTORY_COLUMNS, Trainer, lr_factor
 from pipeline.cli import main as cli_main
-from tests.train_fixtures import make_cohort, restore_logging, tiny_settings  # noqa: F401 (fixture)
+from tests.train_fixtures import make_cohort, tiny_settings
 
 torch.set_num_threads(1)
 
@@ -140,7 +140,6 @@ def test_learning_signal(tmp_path):
     assert min(row["acc1"] for row in trained.history[-3:]) > 3 * chance
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_cli_trains_on_ok_subjects_and_resumes(tmp_path, capsys):
     cohort = make_cohort(tmp_path, n_subjects=9, failed=(2,))
     layout = cohort.layout
@@ -162,7 +161,6 @@ def test_cli_trains_on_ok_subjects_and_resumes(tmp_path, capsys):
     assert len(pd.read_csv(layout.history("tiny"), sep="\t")) == 1
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_cli_reports_bad_settings_in_one_line(tmp_path, capsys):
     cohort = make_cohort(tmp_path, n_subjects=3)
     args = ["train", "--run", "tiny", "--subjects", str(cohort.subjects_tsv), "--work", str(cohort.work),

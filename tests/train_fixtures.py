@@ -14,13 +14,11 @@ small enough for a 2-core CPU: patch size 8, widths (4, 8), queue size 16.
 from __future__ import annotations
 
 import csv
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from scipy import ndimage
 
@@ -140,16 +138,3 @@ def assert_state_equal(a, b, name: str = "state") -> None:
     else:
         assert torch.equal(a, b), f"{name} differs"
 
-
-@pytest.fixture
-def restore_logging():
-    """``copdssl`` subcommands reconfigure the root logger (``basicConfig(force=True)``) with a
-    handler on pytest's captured stderr; put the previous handlers back after the test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
