@@ -1,0 +1,95 @@
+"""Benchmark: how long `snakemake -n` takes to build the DAG for a large cohort.
+
+A manifest of placeholder image files (empty, never read: a dry run only checks that inputs
+exist) is generated for ``--subjects`` subjects, with the default config's runs, poolings and
+baselines, and ``snakemake -n --quiet`` is timed in a fresh process (Python start-up and the
+Snakefile's parse included). No volumes are generated.
+
+    python -m benchmarks.bench_dag [--subjects 1000 10000]
+
+Writes ``benchmarks/out/dag.json`` and prints a markdown table. Goal: at most 60 s at 10,000
+subjects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = Path(__file__).resolve().parent / "out"
+GOAL_S = 60.0
+
+
+def make_cohort(directory: Path, n_subjects: int) -> Path:
+    """Placeholder images, a manifest and a config (default runs, manifest source); returns the config."""
+    images = directory / "images"
+    images.mkdir(parents=True)
+    rows = ["sid\timage\tformat"]
+    for i in range(n_subjects):
+        sid = f"S{i:06d}"
+        (images / f"{sid}.nii.gz").touch()
+        rows.append(f"{sid}\timages/{sid}.nii.gz\tnifti")
+    (directory / "manifest.tsv").write_text("\n".join(rows) + "\n")
+    (directory / "phenotypes.tsv").write_text("sid\tFEV1pp_utah\n")
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.pop("synthetic", None)
+    config["cohort"] = {"source": "manifest", "manifest": str(directory / "manifest.tsv"),
+                        "phenotypes": str(directory / "phenotypes.tsv"), "truth": None}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def time_dry_run(directory: Path, config: Path) -> dict:
+    """Wall time, CPU time and peak RSS of one `snakemake -n` in a child process."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(directory),
+               "--configfile", str(config), "-n", "--quiet", "all"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"snakemake -n failed:\n{result.stderr[-3000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+            "peak_rss_mb": round(after.ru_maxrss / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--out", type=Path, default=OUT_DIR / "dag.json")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for n in args.subjects:
+        with tempfile.TemporaryDirectory(prefix=f"copdssl-dag-{n}-") as tmp:
+            config = make_cohort(Path(tmp), n)
+            row = {"subjects": n, **time_dry_run(Path(tmp), config)}
+        rows.append(row)
+        print(f"{n} subjects: {row['wall_s']} s wall, {row['cpu_s']} s CPU, {row['peak_rss_mb']} MB", flush=True)
+
+    result = {"benchmark": "snakemake -n DAG build", "goal_s_at_10000": GOAL_S, "rows": rows,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_avg": os.getloadavg()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| subjects | wall (s) | CPU (s) | peak RSS (MB) |\n|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['subjects']} | {row['wall_s']} | {row['cpu_s']} | {row['peak_rss_mb']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
