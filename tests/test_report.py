@@ -178,7 +178,7 @@ def test_feature_sets_follow_the_config():
     assert config_hash(config) != config_hash(eval_config())
 
 
-def test_grid_footprints_follow_the_transform():
+def test_grid_footprints_are_the_cut_patches_at_the_mapped_centres():
     import SimpleITK as sitk
 
     ct = sitk.Image(40, 40, 40, sitk.sitkInt16)
@@ -193,5 +193,12 @@ def test_grid_footprints_follow_the_transform():
     (square,) = grid_footprints(ct, shifted, center, 4.0, "coronal", 15)
     np.testing.assert_allclose(square, [[21, 8.5], [25, 8.5], [25, 12.5], [21, 12.5]])  # (i, k)
     assert grid_footprints(ct, identity, center, 4.0, "axial", 13) == []  # 3 voxels away: not cut
+    rotated = sitk.Euler3DTransform()
+    rotated.SetRotation(0.0, 0.0, 0.3)  # the cut patch stays axis-aligned at the rotated centre
+    (square,) = grid_footprints(ct, rotated, center, 4.0, "axial", 10)
+    u, v = square.mean(axis=0)
+    np.testing.assert_allclose(square, [[u - 2, v - 2], [u + 2, v - 2], [u + 2, v + 2], [u - 2, v + 2]])
+    x, y = 30.0 * np.cos(0.3) - 20.0 * np.sin(0.3), 30.0 * np.sin(0.3) + 20.0 * np.cos(0.3)
+    np.testing.assert_allclose((u, v), ((x + 10) / 2, (y + 10) / 2), atol=1e-9)
     with pytest.raises(ValueError, match="'sagittal'"):
         grid_footprints(ct, identity, center, 4.0, "sagittal", 0)

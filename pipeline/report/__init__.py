@@ -198,7 +198,7 @@ def _patch_grid_figure(config, layout, figures) -> tuple[Any, str]:
             half = 0.5 * float(grid["patch_size"]) * float(grid["spacing_mm"])
         figure = figures.patch_grid(sid, ct, transform, centers, half)
         return figure, (f"Patch grid of the atlas mapped through subject {sid}'s affine transform, on its axial and "
-                        "coronal mid-slices; each box is one patch location.")
+                        "coronal mid-slices; each box is the patch cut there (axis-aligned, at the mapped centre).")
     except (OSError, KeyError, RuntimeError, ValueError, CopdsslError) as error:
         reason = " ".join(str(error).split())
         log.warning("report: patch grid figure not drawn: %s", reason)

@@ -166,12 +166,13 @@ def readout_heatmap(table: pd.DataFrame) -> Figure:
 def grid_footprints(ct, transform, centers_mm: np.ndarray, half_mm: float, plane: str, index: int) -> list[np.ndarray]:
     """Outlines of the patches cut by one slice of the subject's CT, in that slice's voxel coordinates.
 
-    Each patch is the atlas cube of half-size ``half_mm`` around its centre (``centers_mm [P, 3]``,
-    ITK physical ``(x, y, z)``); its square through the centre, parallel to the slice, is mapped
-    through ``transform`` (atlas -> subject physical points) into the CT's continuous index space.
+    As in the ``patches`` stage, each patch centre (``centers_mm [P, 3]``, atlas ITK physical
+    ``(x, y, z)``) is mapped through ``transform`` (atlas -> subject physical points) and the patch
+    is the axis-aligned cube of half-size ``half_mm`` around the mapped centre: patches keep the
+    subject's own scale and orientation, so the outlines are squares on the subject's voxel grid.
 
     Args:
-        ct: SimpleITK image of the subject.
+        ct: SimpleITK image of the subject (canonical, identity direction).
         transform: SimpleITK transform, atlas physical -> subject physical points.
         plane: ``axial`` (slice ``k = index``; outlines in (i, j)) or ``coronal`` (``j = index``; (i, k)).
 
@@ -179,25 +180,21 @@ def grid_footprints(ct, transform, centers_mm: np.ndarray, half_mm: float, plane
         One ``[4, 2]`` polygon per patch whose mapped centre lies within half a patch of the slice.
     """
     if plane == "axial":
-        offsets = [(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)]
         normal_axis, axes = 2, (0, 1)
     elif plane == "coronal":
-        offsets = [(-1, 0, -1), (1, 0, -1), (1, 0, 1), (-1, 0, 1)]
         normal_axis, axes = 1, (0, 2)
     else:
         raise ValueError(f"plane must be 'axial' or 'coronal', got {plane!r}")
-    spacing = ct.GetSpacing()[normal_axis]
+    spacing = ct.GetSpacing()
+    half = [half_mm / spacing[axis] for axis in axes]
     polygons = []
     for center in np.asarray(centers_mm, dtype=float):
         mapped = ct.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(tuple(center)))
-        if abs(mapped[normal_axis] - index) > half_mm / spacing:
+        if abs(mapped[normal_axis] - index) > half_mm / spacing[normal_axis]:
             continue
-        corners = []
-        for offset in offsets:
-            point = tuple(center + half_mm * np.asarray(offset, dtype=float))
-            continuous = ct.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(point))
-            corners.append((continuous[axes[0]], continuous[axes[1]]))
-        polygons.append(np.asarray(corners))
+        u, v = mapped[axes[0]], mapped[axes[1]]
+        polygons.append(np.asarray([(u - half[0], v - half[1]), (u + half[0], v - half[1]),
+                                    (u + half[0], v + half[1]), (u - half[0], v + half[1])]))
     return polygons
 
 
