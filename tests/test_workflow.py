@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.layout import Layout
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -90,22 +92,39 @@ def test_default_config_dry_run_and_lint(tmp_path):
     assert "Congratulations, your workflow is in a good condition" in lint.stdout + lint.stderr
 
 
+def placeholder_cohort(directory: Path, n_subjects: int = 3) -> Path:
+    """A manifest of empty placeholder images (enough for dry runs) and its config."""
+    (directory / "img").mkdir()
+    rows = ["sid\timage"]
+    for i in range(n_subjects):
+        (directory / "img" / f"S{i}.nii.gz").touch()
+        rows.append(f"S{i}\timg/S{i}.nii.gz")
+    (directory / "manifest.tsv").write_text("\n".join(rows) + "\n")
+    (directory / "pheno.tsv").write_text("sid\tFEV1pp_utah\n")
+    return write_config(directory, {"cohort": {"source": "manifest", "manifest": str(directory / "manifest.tsv"),
+                                               "phenotypes": str(directory / "pheno.tsv")},
+                                    "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
+
+
 def test_slurm_profile_dry_run(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="the optional [slurm] extra is not installed")
-    manifest = tmp_path / "manifest.tsv"
-    (tmp_path / "img").mkdir()
-    rows = ["sid\timage"]
-    for i in range(3):
-        (tmp_path / "img" / f"S{i}.nii.gz").touch()
-        rows.append(f"S{i}\timg/S{i}.nii.gz")
-    manifest.write_text("\n".join(rows) + "\n")
-    (tmp_path / "pheno.tsv").write_text("sid\tFEV1pp_utah\n")
-    config = write_config(tmp_path, {"cohort": {"source": "manifest", "manifest": str(manifest),
-                                                "phenotypes": str(tmp_path / "pheno.tsv")},
-                                     "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
+    config = placeholder_cohort(tmp_path)
     dry = snakemake(tmp_path, config, "-n", "--profile", str(ROOT / "profiles" / "slurm"))
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert jobs_of(dry.stdout + dry.stderr)["ingest"] == 3
+
+
+@pytest.mark.parametrize("gpus, launcher", [
+    (1, "copdssl train --run moco"),
+    (4, "torchrun --standalone --nproc_per_node 4 -m pipeline -- train --run moco"),
+])
+def test_train_launches_torchrun_with_several_gpus(tmp_path, gpus, launcher):
+    config = placeholder_cohort(tmp_path)
+    target = str(Layout(tmp_path / "work").encoder("moco").relative_to(tmp_path))
+    dry = snakemake(tmp_path, config, "-n", target, "-p", "--set-resources", f"train:gpu={gpus}")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    train_lines = [line for line in (dry.stdout + dry.stderr).splitlines() if " train --run moco" in line]
+    assert train_lines and launcher in train_lines[0], train_lines
 
 
 class _Tables(HTMLParser):
@@ -171,6 +190,16 @@ def test_rerun_is_a_no_op_and_forcerun_is_targeted(tiny_run):
     assert "Nothing to be done" in again.stdout + again.stderr
     forced = snakemake(directory, config, "-n", "--forcerun", "report")
     assert jobs_of(forced.stdout + forced.stderr) == {"report": 1, "all": 1}
+
+
+def test_snakemake_report_packages_the_figures(tiny_run):
+    directory, config = tiny_run
+    result = snakemake(directory, config, "--report", "snakemake_report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    for name in ("training_curves.png", "patch_grid.png", "confusion_CLE.png", "readout.png", "qc.tsv"):
+        assert f"Adding {name}" in log, name
+    assert (directory / "snakemake_report.html").stat().st_size > 100_000
 
 
 def test_bad_subjects_are_isolated(tiny_run, tmp_path):
