@@ -28,7 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                    ["--resolution", "demo", "--patch-size", "16", "--step", "13", "--spacing", "2.0"]),
     "augment": ("benchmarks.bench_augment", [], ["--sizes", "16", "--rounds", "2"]),
     "train": ("benchmarks.bench_train", ["--device", "auto"], ["--device", "cpu", "--patch-size", "16", "--steps", "3"]),
-    "rss": ("benchmarks.bench_rss", [], ["--subjects", "20", "60", "--steps", "10"]),
+    "rss": ("benchmarks.bench_rss", [], ["--subjects", "40", "80", "--steps", "10"]),
     "dag": ("benchmarks.bench_dag", [], ["--subjects", "200"]),
     "heads": ("benchmarks.bench_heads", [], ["--n", "1000", "--d", "32"]),
 }

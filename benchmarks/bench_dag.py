@@ -14,9 +14,6 @@ subjects.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +22,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from benchmarks.common import machine, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -80,14 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{n} subjects: {row['wall_s']} s wall, {row['cpu_s']} s CPU, {row['peak_rss_mb']} MB", flush=True)
 
-    result = {"benchmark": "snakemake -n DAG build", "goal_s_at_10000": GOAL_S, "rows": rows,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_avg": os.getloadavg()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| subjects | wall (s) | CPU (s) | peak RSS (MB) |\n|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['subjects']} | {row['wall_s']} | {row['cpu_s']} | {row['peak_rss_mb']} |")
+    write_result(args.out, {"benchmark": "snakemake -n DAG build", "goal_s_at_10000": GOAL_S, "rows": rows,
+                            "machine": machine()})
+    print("\n" + markdown_table(rows, [("subjects", "subjects"), ("wall_s", "wall (s)"), ("cpu_s", "CPU (s)"),
+                                       ("peak_rss_mb", "peak RSS (MB)")]))
     return 0
 
 

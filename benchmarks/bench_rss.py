@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import machine, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -38,12 +39,14 @@ def train_settings(steps: int, batch_size: int) -> str:
 
 def peak_rss_of(command: list[str], env: dict) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of a child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} failed:\n{process.stderr.read().decode()[-3000:]}")
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: the child can never block on it
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(command[:4])} failed:\n{errors.read().decode()[-3000:]}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -74,15 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_s": round(wall, 1)})
         print(f"{n} subjects ({cohort_mb:.0f} MB of patches): peak RSS {rss:.0f} MB, {wall:.1f} s", flush=True)
 
-    result = {"benchmark": "copdssl train host RSS vs cohort size", "steps": args.steps,
-              "batch_size": args.batch_size, "locations": args.locations, "patch_size": args.patch_size,
-              "rows": rows, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "load_avg": os.getloadavg()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| subjects | patch files (MB) | train peak RSS (MB) | wall (s) |\n|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['subjects']} | {row['patch_files_mb']} | {row['train_peak_rss_mb']} | {row['wall_s']} |")
+    write_result(args.out, {"benchmark": "copdssl train host RSS vs cohort size", "steps": args.steps,
+                            "batch_size": args.batch_size, "locations": args.locations,
+                            "patch_size": args.patch_size, "rows": rows, "machine": machine()})
+    print("\n" + markdown_table(rows, [("subjects", "subjects"), ("patch_files_mb", "patch files (MB)"),
+                                       ("train_peak_rss_mb", "train peak RSS (MB)"), ("wall_s", "wall (s)")]))
     return 0
 
 
