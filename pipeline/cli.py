@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Any
 
-from pipeline.errors import CopdsslError
+from pipeline.errors import ConfigError, CopdsslError
 
 # name -> (module, one-line help, config section used for --config/--settings or None)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
@@ -40,14 +40,20 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
 
 
 def stage_settings(args: argparse.Namespace, section: str | None) -> dict[str, Any]:
-    """The settings of a stage: ``--settings JSON`` if given (Snakemake), else from ``--config``.
+    """The validated settings of a stage: ``--settings JSON`` if given (Snakemake), else from ``--config``.
 
     Snakemake passes the resolved section as JSON so that changing a setting reruns exactly
-    the jobs that use it; by hand, ``--config FILE`` reads and validates the file.
+    the jobs that use it; by hand, ``--config FILE`` reads the file. Either way the settings are
+    checked against the schema (one line naming a bad key) and missing keys get their defaults.
     """
+    from pipeline.config import load_config, run_settings, validate_config, validate_section
+
     if getattr(args, "settings", None):
-        return json.loads(args.settings)
-    from pipeline.config import load_config, run_settings
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--settings is not valid JSON: {error}") from None
+        return validate_config(settings) if section is None else validate_section(section, settings)
 
     config = load_config(args.config)
     if section == "train" and getattr(args, "run", None):

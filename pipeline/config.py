@@ -2,7 +2,7 @@
 
 The schema (``config/schema/config.schema.yaml``) is the single source of defaults. Validation
 fills missing keys with them, rejects unknown keys, and reports the first problem as one line
-naming the key, e.g. ``config key 'train.optimizer.lr': -1 is not greater than 0``.
+naming the key, e.g. ``config key 'train.optimizer.lr': -1 is less than or equal to the minimum of 0``.
 Runs (``runs.<name>``) are deep-merged over ``train`` and validated as a whole.
 """
 
@@ -127,6 +127,21 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not isinstance(config, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return validate_config(deep_merge(config, overrides or {}))
+
+
+def validate_section(section: str, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate one config section (e.g. the ``--settings`` JSON a stage receives) and fill its defaults.
+
+    ``section`` is a top-level key of the schema; ``train`` validates a resolved run. Errors name
+    the key as ``config key '<section>.<key>': ...``.
+    """
+    schema = load_schema()
+    definition = schema["$defs"]["train"] if section == "train" else schema["properties"].get(section)
+    if definition is None:
+        raise ConfigError(f"config key '{section}': no such section")
+    settings = copy.deepcopy(settings if settings is not None else {})
+    _validate(settings, {"$defs": schema["$defs"], **definition}, prefix=section)
+    return settings
 
 
 def run_settings(config: dict[str, Any], run: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=("nifti", "dicom"), help="raw image format")
     parser.add_argument("--out", required=True, help="output CT (.nii.gz): int16 HU, canonical, isotropic")
     parser.add_argument("--status", required=True, help="status/QC JSON")
-
-
-def ingest_options(settings: dict[str, Any]) -> dict[str, Any]:
-    """Check the ``ingest`` config section and return the keyword arguments of :func:`ingest_subject`."""
-    options: dict[str, Any] = {}
-    for key, kind in (("spacing_mm", float), ("spacing_tolerance", float), ("min_slices", int)):
-        if key not in settings:
-            raise ConfigError(f"config key 'ingest.{key}' is missing")
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise ConfigError(f"config key 'ingest.{key}': {value!r} is not a {kind.__name__}")
-        options[key] = kind(value)
-    if not options["spacing_mm"] > 0:
-        raise ConfigError(f"config key 'ingest.spacing_mm': {options['spacing_mm']} is not greater than 0")
-    if options["spacing_tolerance"] < 0:
-        raise ConfigError(f"config key 'ingest.spacing_tolerance': {options['spacing_tolerance']} is less than 0")
-    if options["min_slices"] < 1:
-        raise ConfigError(f"config key 'ingest.min_slices': {options['min_slices']} is less than 1")
-    return options
 
 
 def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, spacing_mm: float = 1.0,
@@ -130,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cli import stage_settings
     from pipeline.status import run_subject_stage
 
-    options = ingest_options(stage_settings(args, "ingest"))
+    settings = stage_settings(args, "ingest")
+    options = {key: settings[key] for key in ("spacing_mm", "spacing_tolerance", "min_slices")}
     run_subject_stage(
         sid=args.sid,
         stage=STAGE,

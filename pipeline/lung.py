@@ -420,24 +420,6 @@ def segment_lungs(ct, *, threshold_hu: float = -400.0, min_lung_volume_ml: float
 # ---- stage ---------------------------------------------------------------------------------
 
 
-def lung_options(settings: dict[str, Any]) -> dict[str, float]:
-    """Check the config's ``lung`` section; returns the keyword arguments of :func:`segment_lungs`.
-
-    Raises:
-        ConfigError: naming the offending key.
-    """
-    from pipeline.errors import ConfigError
-
-    options = {"threshold_hu": settings.get("threshold_hu", -400.0),
-               "min_lung_volume_ml": settings.get("min_lung_volume_ml", 500.0)}
-    for key, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise ConfigError(f"config key 'lung.{key}': {value!r} is not a number")
-    if options["min_lung_volume_ml"] < 0:
-        raise ConfigError(f"config key 'lung.min_lung_volume_ml': {options['min_lung_volume_ml']} is less than 0")
-    return {key: float(value) for key, value in options.items()}
-
-
 def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(),
              settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``lung`` stage for one subject: labels to ``out``, densitometry to ``density_path``.
@@ -450,7 +432,10 @@ def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(),
     """
     from pipeline.status import run_subject_stage
 
-    options = lung_options(settings or {})
+    from pipeline.config import validate_section
+
+    settings = validate_section("lung", settings)
+    options = {key: settings[key] for key in ("threshold_hu", "min_lung_volume_ml")}
 
     def work() -> dict[str, Any]:
         import SimpleITK as sitk

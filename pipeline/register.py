@@ -222,30 +222,6 @@ def _transform_summary(transform) -> dict[str, Any]:
 # ---- stage ---------------------------------------------------------------------------------
 
 
-def register_options(settings: dict[str, Any]) -> tuple[float, list[int], int, float]:
-    """Check the config's ``register`` section: ``(min_dice, shrink_factors, iterations, working_spacing_mm)``.
-
-    Raises:
-        ConfigError: naming the offending key.
-    """
-    from pipeline.errors import ConfigError
-
-    min_dice = settings.get("min_dice", 0.85)
-    shrink = settings.get("shrink_factors", [4, 2, 1])
-    iterations = settings.get("iterations", 200)
-    if isinstance(min_dice, bool) or not isinstance(min_dice, (int, float)) or not 0.0 <= min_dice <= 1.0:
-        raise ConfigError(f"config key 'register.min_dice': {min_dice!r} is not a number in [0, 1]")
-    if (not isinstance(shrink, (list, tuple)) or not shrink
-            or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in shrink)):
-        raise ConfigError(f"config key 'register.shrink_factors': {shrink!r} is not a non-empty list of integers >= 1")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ConfigError(f"config key 'register.iterations': {iterations!r} is not an integer >= 1")
-    working = settings.get("working_spacing_mm", WORKING_SPACING_MM)
-    if isinstance(working, bool) or not isinstance(working, (int, float)) or not working > 0:
-        raise ConfigError(f"config key 'register.working_spacing_mm': {working!r} is not a number > 0")
-    return float(min_dice), list(shrink), int(iterations), float(working)
-
-
 def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=(),
                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``register`` stage for one subject: transform to ``out`` (``.tfm``), QC in the status.
@@ -258,7 +234,11 @@ def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=
     """
     from pipeline.status import run_subject_stage
 
-    min_dice, shrink_factors, iterations, working_spacing_mm = register_options(settings or {})
+    from pipeline.config import validate_section
+
+    settings = validate_section("register", settings)
+    min_dice, shrink_factors = settings["min_dice"], settings["shrink_factors"]
+    iterations, working_spacing_mm = settings["iterations"], settings["working_spacing_mm"]
 
     def work() -> dict[str, Any]:
         import SimpleITK as sitk

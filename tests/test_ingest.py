@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main
+from pipeline.config import validate_section
 from pipeline.errors import ConfigError
-from pipeline.ingest import ingest_options, ingest_subject
+from pipeline.ingest import ingest_subject
 from tests.ct_fixtures import PATIENT_TAGS, cranium_head_ct, phantom_hu, write_dicom_series, write_nifti
 
 SPACING = (0.75, 0.875, 1.25)  # (x, y, z) mm, exact in float32
@@ -130,15 +131,20 @@ def test_bad_input_fails_one_subject_with_one_clear_line(tmp_path, phantom, case
     assert "Traceback" not in log
 
 
-def test_settings_are_validated():
-    assert ingest_options({"spacing_mm": 2, "spacing_tolerance": 0.1, "min_slices": 4}) == {
-        "spacing_mm": 2.0, "spacing_tolerance": 0.1, "min_slices": 4}
-    with pytest.raises(ConfigError, match="'ingest.min_slices' is missing"):
-        ingest_options({"spacing_mm": 2, "spacing_tolerance": 0.1})
-    with pytest.raises(ConfigError, match="'ingest.spacing_mm': 0.0 is not greater than 0"):
-        ingest_options({"spacing_mm": 0, "spacing_tolerance": 0.1, "min_slices": 4})
-    with pytest.raises(ConfigError, match="'ingest.min_slices': 2.5 is not a int"):
-        ingest_options({"spacing_mm": 1, "spacing_tolerance": 0.1, "min_slices": 2.5})
+def test_settings_are_validated(tmp_path, phantom, capsys):
+    assert validate_section("ingest", {"spacing_mm": 2, "spacing_tolerance": 0.1}) == {
+        "spacing_mm": 2, "spacing_tolerance": 0.1, "min_slices": 16}  # the schema's default fills in
+    with pytest.raises(ConfigError, match="'ingest.spacing_mm': 0 is less than or equal to the minimum of 0"):
+        validate_section("ingest", {"spacing_mm": 0, "spacing_tolerance": 0.1, "min_slices": 4})
+    with pytest.raises(ConfigError, match="'ingest.min_slices': 2.5 is not of type 'integer'"):
+        validate_section("ingest", {"spacing_mm": 1, "spacing_tolerance": 0.1, "min_slices": 2.5})
+    # through the stage: a bad --settings value stops it with one line naming the key, before any work
+    image = write_nifti(tmp_path / "S1.nii.gz", phantom, SPACING, ORIGIN)
+    code = main(["ingest", "--sid", "S1", "--image", str(image), "--format", "nifti", "--out",
+                 str(tmp_path / "ct.nii.gz"), "--status", str(tmp_path / "s.json"),
+                 "--settings", json.dumps({"spacing_mm": -1})])
+    assert code == 1 and not (tmp_path / "s.json").exists()
+    assert "config key 'ingest.spacing_mm': -1 is less than or equal to the minimum of 0" in capsys.readouterr().err
 
 
 def test_nifti_with_too_few_slices_fails(tmp_path, phantom):

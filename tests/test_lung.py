@@ -192,11 +192,11 @@ def test_cli_runs_the_stage(tmp_path):
 
 
 def test_bad_settings_are_config_errors():
+    from pipeline.config import validate_section
     from pipeline.errors import ConfigError
-    from pipeline.lung import lung_options
 
-    assert lung_options({}) == {"threshold_hu": -400.0, "min_lung_volume_ml": 500.0}
+    assert validate_section("lung", {}) == {"threshold_hu": -400.0, "min_lung_volume_ml": 500.0}
     with pytest.raises(ConfigError, match="lung.min_lung_volume_ml"):
-        lung_options({"min_lung_volume_ml": -1})
+        validate_section("lung", {"min_lung_volume_ml": -1})
     with pytest.raises(ConfigError, match="lung.threshold_hu"):
-        lung_options({"threshold_hu": "low"})
+        validate_section("lung", {"threshold_hu": "low"})

@@ -147,11 +147,12 @@ def test_cli_runs_the_stage(tmp_path):
 
 def test_bad_settings_are_config_errors():
     from pipeline.errors import ConfigError
-    from pipeline.register import register_options
+    from pipeline.config import validate_section
 
-    assert register_options({}) == (0.85, [4, 2, 1], 200, 5.0)
+    assert validate_section("register", {}) == {"min_dice": 0.85, "iterations": 200, "shrink_factors": [4, 2, 1],
+                                                "working_spacing_mm": 5.0}
     for settings, key in (({"min_dice": 1.5}, "min_dice"), ({"shrink_factors": []}, "shrink_factors"),
                           ({"shrink_factors": [2, 0]}, "shrink_factors"), ({"iterations": 0}, "iterations"),
                           ({"working_spacing_mm": 0}, "working_spacing_mm")):
         with pytest.raises(ConfigError, match=f"register.{key}"):
-            register_options(settings)
+            validate_section("register", settings)
