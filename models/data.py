@@ -47,16 +47,13 @@ def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], 
         (all sids in table order, ok sids in table order)
     """
     from pipeline.manifest import read_subjects
-    from pipeline.status import ok_subjects
+    from pipeline.status import passed_subjects
 
     path = Path(subjects_tsv)
     if not path.is_file():
         raise ConfigError(f"subjects table {path} does not exist")
     sids = [s.sid for s in read_subjects(path)]
-    present = [sid for sid in sids if layout.status("patches", sid).is_file()]
-    for sid in sorted(set(sids) - set(present)):
-        log.warning("subject %s: no patches status at %s; left out", sid, layout.status("patches", sid))
-    return sids, ok_subjects(layout.status("patches", sid) for sid in present)
+    return sids, passed_subjects(layout, sids, "patches", missing="skip")
 
 
 def read_grid(path: str | os.PathLike) -> dict[str, np.ndarray]:

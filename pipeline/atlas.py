@@ -275,16 +275,10 @@ def cohort_lung_volumes(subjects_tsv, work) -> dict[str, float]:
     from pipeline.layout import Layout
     from pipeline.logs import progress
     from pipeline.manifest import read_subjects
-    from pipeline.status import ok_subjects
+    from pipeline.status import passed_subjects
 
     layout = Layout(work=Path(work))
-    sids = [s.sid for s in read_subjects(subjects_tsv)]
-    statuses = [layout.status("lung", sid) for sid in sids]
-    present = [path for path in statuses if path.is_file()]
-    if len(present) < len(statuses):
-        log.warning("atlas: %d of %d subjects have no lung status yet; they are left out",
-                    len(statuses) - len(present), len(statuses))
-    ok = ok_subjects(present)
+    ok = passed_subjects(layout, [s.sid for s in read_subjects(subjects_tsv)], "lung", missing="skip")
     return {sid: float(read_json(layout.density(sid))["total"]["volume_l"])
             for sid in progress(ok, desc="atlas: lung volumes", unit="subject")}
 

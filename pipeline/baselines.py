@@ -96,11 +96,12 @@ def oracle_features(truth, sids: Sequence[str]):
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.files import write_tsv
-    from pipeline.folds import passed_subjects, read_table
+    from pipeline.folds import QC_STAGE, read_table
+    from pipeline.status import passed_subjects
     from pipeline.manifest import read_subjects
 
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)])
+    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     if args.name == "densitometry":
         table = densitometry_features(layout, sids)
     else:

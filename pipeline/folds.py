@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, SubjectError
 from pipeline.layout import Layout
-from pipeline.status import OK, read_status
+from pipeline.status import passed_subjects
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default="work", help="work directory (default: %(default)s)")
     parser.add_argument("--phenotypes", required=True, help="phenotypes TSV (sid + COPDGene columns)")
     parser.add_argument("--out", required=True, help="folds TSV to write (work/folds.tsv)")
-
-
-def passed_subjects(layout: Layout, sids: Sequence[str], stage: str = QC_STAGE) -> list[str]:
-    """The subjects (in the given order) whose ``stage`` status is ``ok``.
-
-    Every aggregate evaluation stage (folds, pool, baseline) uses this, so their subject sets agree.
-    A missing status file means the stage has not run for that subject, which is an error.
-    """
-    passed = []
-    for sid in sids:
-        path = layout.status(stage, sid)
-        if not path.is_file():
-            raise SubjectError(sid, f"no {stage} status file ({path}); run the {stage} stage first", stage=stage)
-        if read_status(path).get("status") == OK:
-            passed.append(sid)
-    return passed
 
 
 def merge_small_strata(values: Sequence, min_count: int) -> list[int]:
@@ -186,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = stage_settings(args, "evaluate")
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)])
+    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     phenotypes = read_table(args.phenotypes, "phenotypes")
     column = settings.get("stratify") or ""
     if column and column not in phenotypes.columns:

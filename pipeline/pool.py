@@ -163,11 +163,12 @@ def make_pooler(pooling: str, layout: Layout, run: str, device: str = "cpu") -> 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.files import write_tsv
-    from pipeline.folds import passed_subjects
+    from pipeline.folds import QC_STAGE
+    from pipeline.status import passed_subjects
     from pipeline.manifest import read_subjects
 
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)])
+    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     if not layout.grid().is_file():
         raise ConfigError(f"the atlas grid {layout.grid()} does not exist; run the atlas stage first")
     with np.load(layout.grid()) as grid:

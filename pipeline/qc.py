@@ -62,16 +62,6 @@ def stage_rows(subjects: list[str], stage: str, layout: Layout) -> list[dict[str
     return rows
 
 
-def read_stage_table(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a stage table written by ``copdssl qc --stage``."""
-    return _read_tsv(path)
-
-
-def ok_sids(path: str | Path) -> list[str]:
-    """Subjects whose status in a stage table is ``ok``, in table order."""
-    return [row["sid"] for row in _read_tsv(path) if row["status"] == OK]
-
-
 def qc_rows(subjects: list[str], rejects: list[dict[str, str]], layout: Layout) -> list[dict[str, Any]]:
     rows = [{"sid": r["sid"], "status": "rejected", "failed_stage": "manifest", "reason": r["reason"]} for r in rejects]
     rows += [subject_row(sid, layout) for sid in subjects]

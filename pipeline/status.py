@@ -51,6 +51,34 @@ def ok_subjects(status_paths: Iterable[str | os.PathLike]) -> list[str]:
     return [s["sid"] for s in map(read_status, status_paths) if s.get("status") == OK]
 
 
+def passed_subjects(layout, sids: Iterable[str], stage: str, missing: str = "error") -> list[str]:
+    """The subjects (in the given order) whose ``stage`` status is ``ok``.
+
+    Every aggregate stage (atlas, train, embed, folds, pool, baselines) picks its subjects here,
+    so their subject sets agree.
+
+    Args:
+        layout: :class:`pipeline.layout.Layout` of the work directory.
+        sids: subject IDs to consider.
+        stage: per-subject stage whose status decides.
+        missing: what a subject without a status file (the stage has not run for it) means:
+            ``"error"`` raises :class:`SubjectError`; ``"skip"`` leaves it out with a warning.
+    """
+    if missing not in ("error", "skip"):
+        raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+    passed = []
+    for sid in sids:
+        path = layout.status(stage, sid)
+        if not path.is_file():
+            if missing == "error":
+                raise SubjectError(sid, f"no {stage} status file ({path}); run the {stage} stage first", stage=stage)
+            log.warning("subject %s: no %s status at %s; left out", sid, stage, path)
+            continue
+        if read_status(path).get("status") == OK:
+            passed.append(sid)
+    return passed
+
+
 def _tombstone(paths: Iterable[str | os.PathLike]) -> None:
     for path in paths:
         with atomic_path(path) as tmp:

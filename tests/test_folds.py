@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, SubjectError
-from pipeline.folds import make_folds, merge_small_strata, passed_subjects, read_table
+from pipeline.folds import make_folds, merge_small_strata, read_table
+from pipeline.status import passed_subjects
 from tests.eval_fixtures import eval_config, make_eval_cohort
 
 
@@ -86,7 +87,7 @@ def test_folds_stage_uses_only_subjects_that_passed_qc(tmp_path):
     # a subject without a patches status: the stage has not run for it
     cohort.layout.status("patches", cohort.sids[0]).unlink()
     with pytest.raises(SubjectError, match=f"subject {cohort.sids[0]} .*no patches status"):
-        passed_subjects(cohort.layout, cohort.sids)
+        passed_subjects(cohort.layout, cohort.sids, "patches")
 
 
 def test_read_table_keeps_sids_as_text_and_reports_duplicates(tmp_path):

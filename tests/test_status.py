@@ -78,3 +78,18 @@ def test_atomic_path_leaves_target_untouched_on_error(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy"]
+
+
+def test_passed_subjects_missing_status_is_an_error_or_skipped(tmp_path, caplog):
+    from pipeline.layout import Layout
+    from pipeline.status import passed_subjects
+
+    layout = Layout(work=tmp_path)
+    write_json(layout.status("patches", "A"), {"sid": "A", "status": OK})
+    write_json(layout.status("patches", "B"), {"sid": "B", "status": FAILED, "reason": "x"})
+    assert passed_subjects(layout, ["B", "A"], "patches") == ["A"]
+    with pytest.raises(SubjectError, match="subject C .*no patches status file"):
+        passed_subjects(layout, ["A", "C"], "patches")
+    with caplog.at_level(logging.WARNING):
+        assert passed_subjects(layout, ["C", "A"], "patches", missing="skip") == ["A"]
+    assert "subject C: no patches status" in caplog.text
