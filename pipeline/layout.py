@@ -31,9 +31,13 @@ class Layout:
         """Manifest rows rejected before processing (unsafe or duplicate IDs, ...)."""
         return self.work / "qc" / "manifest_rejects.tsv"
 
+    def status_dir(self, stage: str) -> Path:
+        """Directory of one stage's per-subject status JSONs, named ``{sid}.json``."""
+        return self.work / "qc" / stage
+
     def status(self, stage: str, sid: str) -> Path:
         """Per-subject status JSON of one stage (see :mod:`pipeline.status`)."""
-        return self.work / "qc" / stage / f"{sid}.json"
+        return self.status_dir(stage) / f"{sid}.json"
 
     def stage_table(self, stage: str) -> Path:
         """Cohort-level table of one stage's statuses (sid, status, failed_stage, reason).

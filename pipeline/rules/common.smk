@@ -1,13 +1,28 @@
 # Shared by every rule: the validated config, paths, the subject list and named input functions.
 # The pipeline CLI (`copdssl`) must be on PATH: activate the environment (`make run` does).
 
+import gc
 import json
 import os
 import re
 
+# Snakemake holds millions of long-lived objects for a 10,000-subject DAG (40,000 jobs). With
+# CPython's default thresholds (700, 10, 10) the cyclic garbage collector re-scans that whole heap
+# as it grows: 19 full collections, 7.3 s of a 61.6 s `snakemake -n` at 10,000 subjects. Larger
+# thresholds leave the young-generation collections in place and make full ones rare
+# (BENCHMARKS.md, "Workflow DAG at scale"). This tunes the Snakemake process only; jobs run in
+# their own processes.
+gc.set_threshold(10_000, 10, 100)
+
 from pipeline.config import run_settings, validate_config
 from pipeline.layout import Layout
 from pipeline.subjects import SID_PATTERN, Subject, read_manifest
+
+# A stage reads the status of the stage before it (`--upstream`) to mark a subject skipped when
+# that stage failed. The rules pass it as `{params.upstream_dir}/{wildcards.sid}.json`
+# (Layout.status), not as an input: the job that wrote it also wrote the rule's declared data
+# input, so it exists whenever that input does. Declared as inputs (or as params functions) these
+# 30,000 files cost 4-5 s of a 10,000-subject `snakemake -n` (BENCHMARKS.md).
 
 # Validate against config/schema/config.schema.yaml and fill defaults (one-line error naming the key).
 _validated = validate_config(config)
@@ -23,7 +38,9 @@ PHENOTYPES = config["cohort"]["phenotypes"]
 TRUTH = config["cohort"]["truth"]
 OUTCOMES = config["evaluate"]["outcomes"]
 FIGURES = os.path.join(config["results_dir"], "figures")
-QC_STAGES = ["ingest", "lung", "register", "patches"]
+# Per-subject stages with a cohort-level status table (work/qc/<stage>.tsv) that aggregate rules
+# depend on: lung (atlas) and patches (train, embed, evaluate, qc).
+TABLED_STAGES = ["lung", "patches"]
 BASELINE_POOLING = {"densitometry": "lung", "oracle": "truth"}
 BASELINES = [b for b in config["evaluate"]["baselines"] if b != "oracle" or TRUTH]
 

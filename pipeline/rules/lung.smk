@@ -4,7 +4,6 @@
 rule lung:
     input:
         ct=LAYOUT.ct("{sid}"),
-        upstream=LAYOUT.status("ingest", "{sid}"),
     output:
         lung=LAYOUT.lung("{sid}"),
         density=LAYOUT.density("{sid}"),
@@ -14,10 +13,11 @@ rule lung:
     benchmark:
         LAYOUT.benchmark("lung", "{sid}")
     params:
+        upstream_dir=LAYOUT.status_dir("ingest"),
         settings=settings("lung"),
     conda:
         "../../environment.yml"
     shell:
-        "copdssl lung --sid {wildcards.sid} --ct {input.ct:q} --upstream {input.upstream:q}"
+        "copdssl lung --sid {wildcards.sid} --ct {input.ct:q} --upstream {params.upstream_dir:q}/{wildcards.sid}.json"
         " --out {output.lung:q} --density {output.density:q} --status {output.status:q}"
         " --settings {params.settings:q} --log {log:q}"

@@ -7,7 +7,6 @@ rule patches:
         lung=LAYOUT.lung("{sid}"),
         transform=LAYOUT.transform("{sid}"),
         grid=LAYOUT.grid(),
-        upstream=LAYOUT.status("register", "{sid}"),
     output:
         patches=LAYOUT.patches("{sid}"),
         status=LAYOUT.status("patches", "{sid}"),
@@ -16,10 +15,11 @@ rule patches:
     benchmark:
         LAYOUT.benchmark("patches", "{sid}")
     params:
+        upstream_dir=LAYOUT.status_dir("register"),
         settings=settings("patches"),
     conda:
         "../../environment.yml"
     shell:
         "copdssl patches --sid {wildcards.sid} --ct {input.ct:q} --lung {input.lung:q} --transform {input.transform:q}"
-        " --grid {input.grid:q} --upstream {input.upstream:q} --out {output.patches:q}"
+        " --grid {input.grid:q} --upstream {params.upstream_dir:q}/{wildcards.sid}.json --out {output.patches:q}"
         " --status {output.status:q} --settings {params.settings:q} --log {log:q}"

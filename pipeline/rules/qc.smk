@@ -1,6 +1,8 @@
-# Quality control: one status table per per-subject stage (what aggregate rules depend on, so the
-# DAG stays small at 10,000 subjects) and the overall QC table, one row per subject: ok, or the
-# stage that failed and why (manifest rejections included).
+# Quality control: status tables of the stages that aggregate rules wait on (one input instead of
+# 10,000, so the DAG stays small at 10,000 subjects) and the overall QC table, one row per subject:
+# ok, or the stage that failed and why (manifest rejections included). The QC table depends on the
+# `patches` table only: a subject's patches status exists once all its earlier stages have run, and
+# `copdssl qc` reads every stage's status files itself.
 
 
 rule stage_table:
@@ -16,7 +18,7 @@ rule stage_table:
     params:
         work=LAYOUT.work,
     wildcard_constraints:
-        stage="|".join(QC_STAGES),
+        stage="|".join(TABLED_STAGES),
     conda:
         "../../environment.yml"
     shell:
@@ -28,7 +30,7 @@ rule qc:
     input:
         subjects=LAYOUT.subjects(),
         rejects=LAYOUT.manifest_rejects(),
-        stages=[LAYOUT.stage_table(stage) for stage in QC_STAGES],
+        patches=LAYOUT.stage_table("patches"),
     output:
         report(LAYOUT.qc_table(), caption="captions/qc.rst", category="Quality control"),
     log:

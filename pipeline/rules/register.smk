@@ -5,7 +5,6 @@ rule register:
     input:
         lung=LAYOUT.lung("{sid}"),
         atlas=LAYOUT.atlas_mask(),
-        upstream=LAYOUT.status("lung", "{sid}"),
     output:
         transform=LAYOUT.transform("{sid}"),
         status=LAYOUT.status("register", "{sid}"),
@@ -14,10 +13,11 @@ rule register:
     benchmark:
         LAYOUT.benchmark("register", "{sid}")
     params:
+        upstream_dir=LAYOUT.status_dir("lung"),
         settings=settings("register"),
     conda:
         "../../environment.yml"
     shell:
         "copdssl register --sid {wildcards.sid} --lung {input.lung:q} --atlas {input.atlas:q}"
-        " --upstream {input.upstream:q} --out {output.transform:q} --status {output.status:q}"
-        " --settings {params.settings:q} --log {log:q}"
+        " --upstream {params.upstream_dir:q}/{wildcards.sid}.json --out {output.transform:q}"
+        " --status {output.status:q} --settings {params.settings:q} --log {log:q}"
