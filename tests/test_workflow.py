@@ -8,6 +8,7 @@ contracts and failure isolation, not accuracy.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -234,6 +235,10 @@ def test_bad_subjects_are_isolated(tiny_run, tmp_path):
     qc = {row["sid"]: row for row in read_tsv(tmp_path / "results" / "qc.tsv")}
     assert qc["TRUNC"]["status"] == "failed" and qc["TRUNC"]["failed_stage"] == "ingest"
     assert "truncated or corrupt" in qc["TRUNC"]["reason"]
+    # Each later stage found the failure through its upstream status (passed as a path pattern).
+    for stage in ("lung", "register", "patches"):
+        status = json.loads((tmp_path / "work" / "qc" / stage / "TRUNC.json").read_text())
+        assert (status["status"], status["failed_stage"]) == ("skipped", "ingest"), (stage, status)
     duplicate = good[1].name[:-7]
     assert qc[duplicate]["status"] == "rejected" and "duplicate" in qc[duplicate]["reason"]
     assert qc["../escape"]["status"] == "rejected" and "unsafe" in qc["../escape"]["reason"]
