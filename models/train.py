@@ -381,9 +381,14 @@ class Trainer:
         steps = max(steps, 1.0)
         seconds = self.epoch_seconds
         return {"epoch": self.epoch + 1, "loss": loss / steps, "loss_ifm": loss_ifm / steps, "acc1": acc1 / steps,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": self.last_step_lr(),
                 "pairs_per_s": self.steps_per_epoch * int(self.settings["batch_size"]) / max(seconds, 1e-9),
                 "seconds": seconds}
+
+    def last_step_lr(self) -> float:
+        """Learning rate of the latest optimisation step (the optimizer already holds the next one)."""
+        opt = self.settings["optimizer"]
+        return float(opt["lr"]) * lr_factor(max(self.scheduler.last_epoch - 1, 0), self.total_steps, opt["schedule"])
 
     def _write_history(self) -> None:
         if self.is_main and self.paths["history"] is not None:

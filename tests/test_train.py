@@ -52,6 +52,10 @@ def test_same_seed_gives_identical_encoder_and_history(cohort, tmp_path):
     hist_b = pd.read_csv(tmp_path / "b" / "history.tsv", sep="\t")
     assert list(hist_a.columns) == list(HISTORY_COLUMNS) and len(hist_a) == 2
     pd.testing.assert_frame_equal(hist_a.drop(columns=TIMING), hist_b.drop(columns=TIMING))
+    # lr is that of each epoch's last step (cosine over 6 steps: steps 2 and 5), not the next step's 0
+    expected_lr = [0.03 * lr_factor(step, 6, "cosine") for step in (2, 5)]
+    np.testing.assert_allclose(hist_a["lr"], expected_lr, rtol=1e-6)
+    assert hist_a["lr"].iloc[-1] > 0
     # another seed trains other weights
     _fit(cohort, tmp_path / "c", tiny_settings(epochs=2, steps_per_epoch=3, seed=1))
     enc_c = torch.load(tmp_path / "c" / "encoder.pt", weights_only=True)
