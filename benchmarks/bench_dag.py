@@ -3,9 +3,10 @@
 A manifest of placeholder image files (empty, never read: a dry run only checks that inputs
 exist) is generated for ``--subjects`` subjects, with the default config's runs, poolings and
 baselines, and ``snakemake -n --quiet`` is timed in a fresh process (Python start-up and the
-Snakefile's parse included). No volumes are generated.
+Snakefile's parse included), with the default (local) profile and, when the optional [slurm]
+extra is installed, with ``--profile profiles/slurm``. No volumes are generated.
 
-    python -m benchmarks.bench_dag [--subjects 1000 10000]
+    python -m benchmarks.bench_dag [--subjects 1000 10000] [--profiles default slurm]
 
 Writes ``benchmarks/out/dag.json`` and prints a markdown table. Goal: at most 60 s at 10,000
 subjects.
@@ -14,6 +15,7 @@ subjects.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import subprocess
 import sys
@@ -50,10 +52,16 @@ def make_cohort(directory: Path, n_subjects: int) -> Path:
     return path
 
 
-def time_dry_run(directory: Path, config: Path) -> dict:
-    """Wall time, CPU time and peak RSS of one `snakemake -n` in a child process."""
+def time_dry_run(directory: Path, config: Path, profile: str = "default") -> dict:
+    """Wall time, CPU time and peak RSS of one `snakemake -n` in a child process.
+
+    ``profile`` "default" is the workflow profile Snakemake loads by itself (profiles/local);
+    any other name is passed as ``--profile profiles/<name>``.
+    """
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(directory),
                "--configfile", str(config), "-n", "--quiet", "all"]
+    if profile != "default":
+        command += ["--profile", str(ROOT / "profiles" / profile)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -68,21 +76,28 @@ def time_dry_run(directory: Path, config: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--profiles", nargs="+", default=None,
+                        help="default: 'default', plus 'slurm' when the SLURM executor plugin is installed")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "dag.json")
     args = parser.parse_args(argv)
 
+    profiles = args.profiles or ["default"] + (["slurm"] if importlib.util.find_spec("snakemake_executor_plugin_slurm")
+                                               else [])
     rows = []
     for n in args.subjects:
         with tempfile.TemporaryDirectory(prefix=f"copdssl-dag-{n}-") as tmp:
             config = make_cohort(Path(tmp), n)
-            row = {"subjects": n, **time_dry_run(Path(tmp), config)}
-        rows.append(row)
-        print(f"{n} subjects: {row['wall_s']} s wall, {row['cpu_s']} s CPU, {row['peak_rss_mb']} MB", flush=True)
+            for profile in profiles:
+                row = {"subjects": n, "profile": profile, **time_dry_run(Path(tmp), config, profile)}
+                rows.append(row)
+                print(f"{n} subjects, {profile} profile: {row['wall_s']} s wall, {row['cpu_s']} s CPU, "
+                      f"{row['peak_rss_mb']} MB", flush=True)
 
     write_result(args.out, {"benchmark": "snakemake -n DAG build", "goal_s_at_10000": GOAL_S, "rows": rows,
                             "machine": machine()})
-    print("\n" + markdown_table(rows, [("subjects", "subjects"), ("wall_s", "wall (s)"), ("cpu_s", "CPU (s)"),
-                                       ("peak_rss_mb", "peak RSS (MB)")]))
+    columns = [("subjects", "subjects"), ("profile", "profile"), ("wall_s", "wall (s)"), ("cpu_s", "CPU (s)"),
+               ("peak_rss_mb", "peak RSS (MB)")]
+    print("\n" + markdown_table(rows, columns))
     return 0
 
 

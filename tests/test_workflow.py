@@ -107,12 +107,31 @@ def placeholder_cohort(directory: Path, n_subjects: int = 3) -> Path:
                                     "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
 
 
+def resources_of(dry_run_output: str) -> dict[str, dict[str, str]]:
+    """Rule name -> resources (name -> value) of its last job in a dry run's job listing."""
+    resources, rule = {}, None
+    for line in dry_run_output.splitlines():
+        line = line.strip()
+        if line.startswith("rule ") and line.endswith(":"):
+            rule = line[5:-1]
+        elif line.startswith("resources:") and rule:
+            resources[rule] = dict(item.split("=", 1) for item in line[len("resources:"):].split(", "))
+    return resources
+
+
 def test_slurm_profile_dry_run(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="the optional [slurm] extra is not installed")
     config = placeholder_cohort(tmp_path)
     dry = snakemake(tmp_path, config, "-n", "--profile", str(ROOT / "profiles" / "slurm"))
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert jobs_of(dry.stdout + dry.stderr)["ingest"] == 3
+    output = dry.stdout + dry.stderr
+    assert jobs_of(output)["ingest"] == 3
+    resources = resources_of(output)
+    for rule in ("train", "embed"):
+        assert (resources[rule]["gpu"], resources[rule]["slurm_partition"]) == ("1", "gpu"), resources[rule]
+    for rule in ("ingest", "lung", "register", "patches"):
+        assert "gpu" not in resources[rule] and resources[rule]["runtime"] == "30", resources[rule]
+        assert resources[rule]["disk_mb"] == "10000", "disk_mb must be a constant, not sized from the inputs"
 
 
 @pytest.mark.parametrize("gpus, launcher", [
