@@ -107,6 +107,36 @@ def placeholder_cohort(directory: Path, n_subjects: int = 3) -> Path:
                                     "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
 
 
+def inputs_per_job(dry_run_output: str) -> dict[str, int]:
+    """Rule name -> the largest number of input files of one of its jobs in a dry run's listing."""
+    counts, rule = {}, None
+    for line in dry_run_output.splitlines():
+        line = line.strip()
+        if line.startswith("rule ") and line.endswith(":"):
+            rule = line[5:-1]
+            counts.setdefault(rule, 0)
+        elif line.startswith("input:") and rule:
+            counts[rule] = max(counts[rule], len(line[len("input:"):].split(", ")))
+    return counts
+
+
+def test_dag_grows_linearly_with_the_cohort(tmp_path):
+    """Only the status tables list per-subject files; every other aggregate rule has the same inputs
+    for 3 and 6 subjects, and per-subject rules declare their data inputs only. This is what keeps
+    `snakemake -n` linear at 10,000 subjects (benchmarks/bench_dag.py times it)."""
+    counts = {}
+    for n in (3, 6):
+        directory = tmp_path / f"n{n}"
+        directory.mkdir()
+        dry = snakemake(directory, placeholder_cohort(directory, n), "-n")
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        counts[n] = inputs_per_job(dry.stdout + dry.stderr)
+    assert (counts[3]["ingest"], counts[3]["lung"], counts[3]["register"], counts[3]["patches"]) == (1, 1, 2, 4)
+    assert counts[3].keys() == counts[6].keys()
+    growing = {rule: (counts[3][rule], counts[6][rule]) for rule in counts[3] if counts[3][rule] != counts[6][rule]}
+    assert growing == {"stage_table": (4, 7)}, growing
+
+
 def resources_of(dry_run_output: str) -> dict[str, dict[str, str]]:
     """Rule name -> resources (name -> value) of its last job in a dry run's job listing."""
     resources, rule = {}, None
