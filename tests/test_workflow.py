@@ -107,16 +107,23 @@ def placeholder_cohort(directory: Path, n_subjects: int = 3) -> Path:
                                     "runs": {"moco": {}}, "evaluate": {"baselines": ["densitometry"]}})
 
 
-def inputs_per_job(dry_run_output: str) -> dict[str, int]:
-    """Rule name -> the largest number of input files of one of its jobs in a dry run's listing."""
-    counts, rule = {}, None
+def job_fields(dry_run_output: str, field: str) -> list[tuple[str, list[str]]]:
+    """(rule name, comma-separated items of ``field``) for every job of a dry run's listing that has the field."""
+    jobs, rule = [], None
     for line in dry_run_output.splitlines():
         line = line.strip()
         if line.startswith("rule ") and line.endswith(":"):
             rule = line[5:-1]
-            counts.setdefault(rule, 0)
-        elif line.startswith("input:") and rule:
-            counts[rule] = max(counts[rule], len(line[len("input:"):].split(", ")))
+        elif line.startswith(f"{field}:") and rule:
+            jobs.append((rule, line[len(field) + 1:].strip().split(", ")))
+    return jobs
+
+
+def inputs_per_job(dry_run_output: str) -> dict[str, int]:
+    """Rule name -> the largest number of input files of one of its jobs in a dry run's listing."""
+    counts: dict[str, int] = {}
+    for rule, inputs in job_fields(dry_run_output, "input"):
+        counts[rule] = max(counts.get(rule, 0), len(inputs))
     return counts
 
 
@@ -139,14 +146,7 @@ def test_dag_grows_linearly_with_the_cohort(tmp_path):
 
 def resources_of(dry_run_output: str) -> dict[str, dict[str, str]]:
     """Rule name -> resources (name -> value) of its last job in a dry run's job listing."""
-    resources, rule = {}, None
-    for line in dry_run_output.splitlines():
-        line = line.strip()
-        if line.startswith("rule ") and line.endswith(":"):
-            rule = line[5:-1]
-        elif line.startswith("resources:") and rule:
-            resources[rule] = dict(item.split("=", 1) for item in line[len("resources:"):].split(", "))
-    return resources
+    return {rule: dict(item.split("=", 1) for item in items) for rule, items in job_fields(dry_run_output, "resources")}
 
 
 def test_slurm_profile_dry_run(tmp_path):
