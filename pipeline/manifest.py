@@ -46,6 +46,12 @@ def read_subjects(path) -> list[Subject]:
         return [Subject(row["sid"], row["image"], row["format"]) for row in csv.DictReader(handle, delimiter="\t")]
 
 
+def read_rejections(path) -> list[Rejection]:
+    """Read a rejected-rows table written by this stage."""
+    with open(path, newline="") as handle:
+        return [Rejection(row["sid"], row["reason"]) for row in csv.DictReader(handle, delimiter="\t")]
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli import stage_settings
 

@@ -11,12 +11,12 @@ import argparse
 import csv
 import io
 import logging
-from pathlib import Path
 from typing import Any
 
 from pipeline.files import write_text
 from pipeline.layout import Layout
 from pipeline.status import OK, read_status
+from pipeline.subjects import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def stage_rows(subjects: list[str], stage: str, layout: Layout) -> list[dict[str
     return rows
 
 
-def qc_rows(subjects: list[str], rejects: list[dict[str, str]], layout: Layout) -> list[dict[str, Any]]:
-    rows = [{"sid": r["sid"], "status": "rejected", "failed_stage": "manifest", "reason": r["reason"]} for r in rejects]
+def qc_rows(subjects: list[str], rejects: list[Rejection], layout: Layout) -> list[dict[str, Any]]:
+    rows = [{"sid": r.sid, "status": "rejected", "failed_stage": "manifest", "reason": r.reason} for r in rejects]
     rows += [subject_row(sid, layout) for sid in subjects]
     return rows
 
@@ -79,18 +79,15 @@ def to_tsv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _read_tsv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
-
-
 def run(args: argparse.Namespace) -> int:
+    from pipeline.manifest import read_rejections, read_subjects
+
     layout = Layout(work=args.work)
-    subjects = [row["sid"] for row in _read_tsv(args.subjects)]
+    subjects = [subject.sid for subject in read_subjects(args.subjects)]
     if args.stage:
         rows = stage_rows(subjects, args.stage, layout)
     else:
-        rejects = _read_tsv(args.rejects) if args.rejects else []
+        rejects = read_rejections(args.rejects) if args.rejects else []
         rows = qc_rows(subjects, rejects, layout)
     write_text(args.out, to_tsv(rows))
     counts: dict[str, int] = {}
