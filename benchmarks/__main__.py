@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import describe_machine
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -49,15 +50,6 @@ def table_of(stdout: str) -> str:
     return "\n".join("\n".join(block) for block in blocks) if blocks else "(no table printed)"
 
 
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the suite")
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sections = [f"# copdssl benchmark summary\n\n{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on "
-                f"{machine()}; load average at start {os.getloadavg()[0]:.2f}.\n"]
+                f"{describe_machine()}; load average at start {os.getloadavg()[0]:.2f}.\n"]
     failed = []
     for name in args.only or list(BENCHMARKS):
         module, full, quick = BENCHMARKS[name]

@@ -11,8 +11,23 @@ from typing import Any
 
 
 def machine() -> dict[str, Any]:
-    """CPU count, platform and the load average now (timings on a loaded machine are pessimistic)."""
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": os.getloadavg()}
+    """CPU count and model, memory, platform, Python and the load average now (timings on a loaded
+    machine are pessimistic)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(memory_gib, 1),
+            "platform": platform.platform(), "python": platform.python_version(), "load_avg": os.getloadavg()}
+
+
+def describe_machine() -> str:
+    """One line for a report: "2 CPUs (model), 24 GiB RAM, platform, Python x.y.z"."""
+    facts = machine()
+    return (f"{facts['cpus']} CPUs ({facts['cpu_model']}), {facts['memory_gib']:.0f} GiB RAM, {facts['platform']}, "
+            f"Python {facts['python']}")
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
