@@ -24,6 +24,7 @@ include: "pipeline/rules/train.smk"
 include: "pipeline/rules/embed.smk"
 include: "pipeline/rules/pool.smk"
 include: "pipeline/rules/evaluate.smk"
+include: "pipeline/rules/locmap.smk"
 include: "pipeline/rules/report.smk"
 
 

@@ -135,15 +135,13 @@ def bench_training(store, locations, args, device: torch.device, amp: bool, chan
     batches = iter(loader)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        patches, _, loc_idx = next(batches)
-        trainer.train_step(patches, loc_idx)
+        trainer.train_step(next(batches))
     sync()
     wait_before = loader.wait_seconds
     with (UtilisationSampler(device) if device.type == "cuda" else contextlib.nullcontext()) as sampler:
         started = time.perf_counter()
         for _ in range(args.steps):
-            patches, _, loc_idx = next(batches)
-            loss, _ = trainer.train_step(patches, loc_idx)
+            loss, _ = trainer.train_step(next(batches))
         sync()
         seconds = time.perf_counter() - started
     batches.close()
@@ -159,20 +157,24 @@ def bench_embedding(store, locations, args, device: torch.device) -> dict:
     from models.embed import embed_patches
     from models.encoder import encoder_from_settings
 
+    from models.intensity import PatchInput
+
     settings = settings_for(args, amp=True)
-    encoder = encoder_from_settings(settings["encoder"], args.patch_size, seed=0).to(device).eval()
+    patch_input = PatchInput.from_settings(settings["input"])
+    encoder = encoder_from_settings(settings["encoder"], args.patch_size, seed=0,
+                                    in_channels=patch_input.channels).to(device).eval()
     if device.type == "cpu":
         encoder = encoder.to(memory_format=torch.channels_last_3d)
     subjects = min(len(store), 16 if device.type == "cuda" else 4)
     patches = np.concatenate([store.array(i) for i in range(subjects)])  # several subjects' patches
     locations = np.tile(locations, (subjects, 1))
     batch = 512 if device.type == "cuda" else 128
-    embed_patches(encoder, patches[:batch], locations[:batch], settings["normalise"], batch, device)  # warm-up
+    embed_patches(encoder, patches[:batch], locations[:batch], patch_input, batch, device)  # warm-up
     repeats = max(1, args.embed_repeats)
     seconds = float("inf")
     for _ in range(repeats):  # best of repeats
         started = time.perf_counter()
-        out = embed_patches(encoder, patches, locations, settings["normalise"], batch, device)
+        out = embed_patches(encoder, patches, locations, patch_input, batch, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = min(seconds, time.perf_counter() - started)

@@ -30,8 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AIR_HU = -1024.0
-
 
 def _check_range(name: str, value: float, low: float, high: float = math.inf, low_open: bool = False) -> float:
     value = float(value)
@@ -39,6 +37,15 @@ def _check_range(name: str, value: float, low: float, high: float = math.inf, lo
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
     return value
+
+
+def _check_pair(name: str, value: Sequence[float], low_open: bool) -> tuple[float, float]:
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or pair[0] > pair[1] \
+            or pair[0] < 0 or (low_open and pair[0] == 0):
+        bound = "0 < low <= high" if low_open else "0 <= low <= high"
+        raise ValueError(f"{name} must be (low, high) with {bound}, got {value!r}")
+    return pair
 
 
 def rotation_matrices(angles: Tensor) -> Tensor:
@@ -91,8 +98,9 @@ def _upsample_separable(coarse: Tensor, weights: Tensor) -> Tensor:
 class BatchedAugment(nn.Module):
     """Random affine + elastic warp, Gaussian noise and gamma contrast for a batch of 3D patches.
 
-    Input ``x`` is ``[N, 1, S, S, S]`` float, intensity-normalised as ``(HU - offset) / scale - 1``
-    (so air is about -1). Per sample: a random affine (rotation uniform in ±``rotation_deg`` about
+    Input ``x`` is ``[N, 1, S, S, S]`` float in linear intensity units of ``intensity_scale`` HU
+    each, with air at ``pad_value`` (training uses :mod:`models.intensity`'s working units, HU /
+    1000, before the windows are applied). Per sample: a random affine (rotation uniform in ±``rotation_deg`` about
     each axis, isotropic scale uniform in ``1 ± scale``, translation uniform in
     ``± translation * S`` voxels per axis) composed with, with probability ``elastic_prob``, a
     smooth elastic displacement (a coarse grid of control displacements ~ N(0, elastic_magnitude²)
@@ -103,6 +111,19 @@ class BatchedAugment(nn.Module):
     ``contrast_gamma`` (min and max per sample); finally, when ``intensity_shift_hu > 0``, an
     intensity offset uniform in ±``intensity_shift_hu`` per sample (what a different inspiration
     level or scanner calibration does to a patch; 0, the reference's setting, turns it off).
+
+    Two further groups, off by default (the reference has neither), are drawn after the above so
+    that turning them on leaves the other draws unchanged:
+
+    * **reconstruction kernel** (``kernel_prob > 0``): with probability ``kernel_prob`` a sample
+      is re-filtered before the noise is added, half of them (``sharpen_fraction``) with an
+      unsharp mask ``x + a (x - G_1 * x)``, a uniform in ``sharpen_amount``, the others with a
+      Gaussian blur ``G_s * x``, s uniform in ``blur_sigma`` voxels. Blurring lowers the noise
+      the image already has, sharpening raises it and makes it grainy: what a smooth or a sharp
+      kernel does. ``G_s`` is a separable, truncated (3 s) Gaussian with reflected borders.
+    * **intensity gain** (``intensity_gain > 0``): ``x -> pad + g (x - pad)`` with ``pad`` =
+      ``pad_value`` (air), g uniform in ``1 ± intensity_gain`` per sample (a calibration slope
+      error pivots about air), applied after the contrast and before the offset.
 
     All random numbers come from the generator passed to :meth:`sample` / :meth:`forward`; a
     generator on the input's device avoids host-device copies. Two views are two calls.
@@ -123,6 +144,11 @@ class BatchedAugment(nn.Module):
         intensity_scale: float = 632.0,
         pad_value: float = -1.0,
         intensity_shift_hu: float = 0.0,
+        intensity_gain: float = 0.0,
+        kernel_prob: float = 0.0,
+        blur_sigma: Sequence[float] = (0.5, 1.2),
+        sharpen_amount: Sequence[float] = (0.3, 1.0),
+        sharpen_fraction: float = 0.5,
     ):
         super().__init__()
         self.rotation_deg = _check_range("rotation_deg", rotation_deg, 0.0, 180.0)
@@ -134,6 +160,11 @@ class BatchedAugment(nn.Module):
         self.noise_std_hu = _check_range("noise_std_hu", noise_std_hu, 0.0)
         self.noise_prob = _check_range("noise_prob", noise_prob, 0.0, 1.0)
         self.intensity_shift_hu = _check_range("intensity_shift_hu", intensity_shift_hu, 0.0)
+        self.intensity_gain = _check_range("intensity_gain", intensity_gain, 0.0, 0.5)
+        self.kernel_prob = _check_range("kernel_prob", kernel_prob, 0.0, 1.0)
+        self.sharpen_fraction = _check_range("sharpen_fraction", sharpen_fraction, 0.0, 1.0)
+        self.blur_sigma = _check_pair("blur_sigma", blur_sigma, low_open=True)
+        self.sharpen_amount = _check_pair("sharpen_amount", sharpen_amount, low_open=False)
         self.contrast_prob = _check_range("contrast_prob", contrast_prob, 0.0, 1.0)
         gamma = tuple(float(g) for g in contrast_gamma)
         if len(gamma) != 2 or not all(math.isfinite(g) and g > 0 for g in gamma) or gamma[0] > gamma[1]:
@@ -150,7 +181,9 @@ class BatchedAugment(nn.Module):
                 f"elastic_sigma={self.elastic_sigma}, noise_std_hu={self.noise_std_hu}, "
                 f"noise_prob={self.noise_prob}, contrast_prob={self.contrast_prob}, "
                 f"contrast_gamma={self.contrast_gamma}, intensity_scale={self.intensity_scale}, "
-                f"pad_value={self.pad_value}")
+                f"pad_value={self.pad_value}, intensity_shift_hu={self.intensity_shift_hu}, "
+                f"intensity_gain={self.intensity_gain}, kernel_prob={self.kernel_prob}, blur_sigma={self.blur_sigma}, "
+                f"sharpen_amount={self.sharpen_amount}, sharpen_fraction={self.sharpen_fraction}")
 
     @property
     def noise_std(self) -> float:
@@ -178,7 +211,10 @@ class BatchedAugment(nn.Module):
             voxels (c = :meth:`control_points`); ``noise_index`` long [M] (samples receiving
             noise) and ``noise`` [M, 1, S, S, S] (in normalised units); ``contrast_on`` bool [N];
             ``gamma`` [N]; ``shift`` [N] intensity offsets in normalised units (only when
-            ``intensity_shift_hu > 0``, drawn last so the other draws do not depend on it).
+            ``intensity_shift_hu > 0``, drawn last so the other draws do not depend on it);
+            then, only when enabled and in this order: ``gain`` [N] (``intensity_gain > 0``);
+            ``kernel_on``, ``sharpen`` bool [N], ``blur_sigma`` [N] voxels and ``sharpen_amount``
+            [N] (``kernel_prob > 0``).
         """
         if n < 1 or size < 1:
             raise ValueError(f"sample needs n >= 1 and size >= 1, got n={n}, size={size}")
@@ -208,6 +244,13 @@ class BatchedAugment(nn.Module):
                                       device=gdev) * self.noise_std
         if self.intensity_shift_hu > 0:
             params["shift"] = uniform(n) * (self.intensity_shift_hu / self.intensity_scale)
+        if self.intensity_gain > 0:
+            params["gain"] = 1.0 + uniform(n) * self.intensity_gain
+        if self.kernel_prob > 0:
+            params["kernel_on"] = torch.rand(n, generator=generator, device=gdev) < self.kernel_prob
+            params["sharpen"] = torch.rand(n, generator=generator, device=gdev) < self.sharpen_fraction
+            params["blur_sigma"] = uniform(n, low=self.blur_sigma[0], high=self.blur_sigma[1])
+            params["sharpen_amount"] = uniform(n, low=self.sharpen_amount[0], high=self.sharpen_amount[1])
         return {key: value.to(device) for key, value in params.items()}
 
     def sampling_grid(self, params: dict[str, Tensor], size: int, dtype=torch.float32) -> Tensor:
@@ -257,6 +300,9 @@ class BatchedAugment(nn.Module):
             x = F.grid_sample(x - self.pad_value, grid, mode="bilinear", padding_mode="zeros",
                               align_corners=False).add_(self.pad_value)
             owned = True
+        if "kernel_on" in params and bool(params["kernel_on"].any()):
+            x = self._refilter(x, params)
+            owned = True
         index = params["noise_index"]
         if index.numel():
             noise = params["noise"].to(x.dtype)
@@ -267,15 +313,58 @@ class BatchedAugment(nn.Module):
             adjusted = adjust_contrast(x[on], params["gamma"][on])
             x = x.index_copy_(0, on, adjusted) if owned else x.index_copy(0, on, adjusted)
             owned = True
+        if "gain" in params:
+            gain = params["gain"].to(x.dtype).view(-1, 1, 1, 1, 1)
+            x = (x - self.pad_value) * gain + self.pad_value  # pivot: air
+            owned = True
         if "shift" in params:
             shift = params["shift"].to(x.dtype).view(-1, 1, 1, 1, 1)
             x = x.add_(shift) if owned else x + shift
         return x
 
+    def _refilter(self, x: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """The kernel augmentation of the samples with ``kernel_on``: blur or unsharp mask (new tensor)."""
+        index = torch.nonzero(params["kernel_on"]).flatten()
+        chosen = x[index]  # M x 1 x S x S x S
+        sharpen = params["sharpen"][index]
+        sigma = torch.where(sharpen, torch.ones_like(params["blur_sigma"][index]), params["blur_sigma"][index])
+        smooth = gaussian_blur(chosen, sigma)
+        amount = params["sharpen_amount"][index].to(x.dtype).view(-1, 1, 1, 1, 1)
+        filtered = torch.where(sharpen.view(-1, 1, 1, 1, 1), chosen + amount * (chosen - smooth), smooth)
+        return x.index_copy(0, index, filtered)
+
     def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """One random view of ``x`` [N, 1, S, S, S] -> [N, 1, S, S, S] (same device and dtype)."""
         n, size = _check_input(x)
         return self.apply(x, self.sample(n, size, generator, x.device))
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Per-sample separable Gaussian blur with replicated borders.
+
+    Args:
+        x: [M, 1, S, S, S]; sigma: [M] standard deviations in voxels (> 0).
+
+    Returns:
+        [M, 1, S, S, S]: each sample convolved with its own normalised Gaussian, truncated at
+        ``ceil(3 * max(sigma))`` voxels, along each of the three axes in turn (one grouped
+        ``conv3d`` per axis for the whole batch: the samples are the groups).
+    """
+    m, size = x.shape[0], x.shape[2:]
+    if m == 0:
+        return x.clone()
+    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernels = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)  # M x K
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)
+    y = x.reshape(1, m, *size)  # the samples as channels of one image
+    for axis in range(3):
+        shape = [m, 1, 1, 1, 1]
+        shape[2 + axis] = kernels.shape[1]
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        y = F.conv3d(F.pad(y, pad, mode="replicate"), kernels.view(shape), groups=m)
+    return y.reshape(m, 1, *size)
 
 
 def adjust_contrast(x: Tensor, gamma: Tensor) -> Tensor:
@@ -300,19 +389,19 @@ def _check_input(x: Tensor) -> tuple[int, int]:
     return x.shape[0], x.shape[-1]
 
 
-def augment_from_settings(augment: dict[str, Any], normalise: dict[str, Any]) -> BatchedAugment:
-    """Build from the ``train.augment`` and ``train.normalise`` config sections.
+AUGMENT_KEYS = ("rotation_deg", "scale", "translation", "elastic_prob", "elastic_magnitude", "elastic_sigma",
+                "noise_std_hu", "noise_prob", "contrast_prob", "contrast_gamma", "intensity_shift_hu",
+                "intensity_gain", "kernel_prob", "blur_sigma", "sharpen_amount", "sharpen_fraction")
 
-    The padding value is air (-1024 HU) in the normalised units ``(HU - offset) / scale - 1``.
-    """
-    offset = float(normalise.get("offset", AIR_HU))
-    scale = float(normalise.get("scale", 632.0))
-    if scale <= 0:
-        raise ValueError(f"normalise.scale must be > 0, got {scale!r}")
-    keys = ("rotation_deg", "scale", "translation", "elastic_prob", "elastic_magnitude", "elastic_sigma",
-            "noise_std_hu", "noise_prob", "contrast_prob", "contrast_gamma", "intensity_shift_hu")
-    unknown = sorted(set(augment) - set(keys))
+
+def augment_from_settings(augment: dict[str, Any], patch_input) -> BatchedAugment:
+    """Build from the ``train.augment`` section for inputs prepared by ``patch_input``
+    (a :class:`models.intensity.PatchInput`): the augmentation works in its working units
+    (HU / :data:`models.intensity.HU_PER_UNIT`) and pads with its air value."""
+    from models.intensity import HU_PER_UNIT
+
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
     if unknown:
         raise ValueError(f"unknown augment setting(s): {', '.join(unknown)}")
-    return BatchedAugment(**{k: augment[k] for k in keys if k in augment}, intensity_scale=scale,
-                          pad_value=(AIR_HU - offset) / scale - 1.0)
+    return BatchedAugment(**{k: augment[k] for k in AUGMENT_KEYS if k in augment}, intensity_scale=HU_PER_UNIT,
+                          pad_value=patch_input.pad_value)

@@ -65,13 +65,14 @@ def read_encoder(path: str | os.PathLike, device: Any = "cpu"):
         (encoder in eval mode on ``device``, metadata dict: ``settings``, ``patch_size``,
         ``num_locations``, ``feature_dim``).
     """
-    from models.encoder import encoder_from_settings
+    from models.encoder import encoder_from_settings, input_channels
 
     saved = load(path)
     missing = {"state_dict", "settings", "patch_size", "num_locations"} - set(saved)
     if missing:
         raise ConfigError(f"{path} is not an encoder file: missing {', '.join(sorted(missing))}")
-    encoder = encoder_from_settings(saved["settings"]["encoder"], int(saved["patch_size"]))
+    encoder = encoder_from_settings(saved["settings"]["encoder"], int(saved["patch_size"]),
+                                    in_channels=input_channels(saved["settings"]))
     encoder.load_state_dict(saved["state_dict"])
     metadata = {k: v for k, v in saved.items() if k != "state_dict"}
     return encoder.to(device).eval(), metadata

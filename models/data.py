@@ -11,7 +11,8 @@
   ``(seed, epoch)``, and the position inside the epoch is part of ``state_dict()``, so a run
   resumes mid-epoch exactly. Under DDP every global batch is split into disjoint per-rank shares.
 * :class:`PatchLoader` reads the planned batches in background threads (numpy copies out of a
-  memory map release the GIL), pins them on CUDA and hands them over in plan order.
+  memory map release the GIL), with the lung masks and the neighbour-positive keys when asked,
+  pins them on CUDA and hands them over in plan order as :class:`PatchBatch`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import numpy as np
 from pipeline.errors import ConfigError, SubjectError
 
 SAMPLER_MODES = ("location", "mixed")
+_KEY_STREAM = 3  # stream id of the neighbour-key draws (see PatchLoader)
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +212,36 @@ class PatchStore:
         return out
 
 
-def normalise(x, offset: float, scale: float):
-    """``(x - offset) / scale - 1`` as a float32 tensor (air at -1024 HU -> -1 with the defaults).
+class NeighbourKeys:
+    """Key locations for neighbour positives (DrasCLR): with probability ``prob`` a query's key is
+    the same subject's patch at a uniformly chosen adjacent atlas location, else the same patch.
 
     Args:
-        x: int16/float array or tensor of any shape (HU).
-    Returns:
-        float32 tensor of the same shape, on ``x``'s device for tensors.
+        edges: int64 ``[2, E]`` grid adjacency (``grid.npz`` ``edges``, both directions).
+        n_locations: P.
+        prob: probability of a neighbour key (a location without neighbours keeps its own patch).
     """
-    import torch
 
-    if scale <= 0:
-        raise ValueError(f"normalise scale must be > 0, got {scale}")
-    t = torch.as_tensor(x)
-    return (t.to(torch.float32) - float(offset)) / float(scale) - 1.0
+    def __init__(self, edges: np.ndarray, n_locations: int, prob: float):
+        edges = np.asarray(edges, dtype=np.int64).reshape(2, -1)
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"neighbour probability must be in [0, 1], got {prob!r}")
+        if edges.size and (edges.min() < 0 or edges.max() >= n_locations):
+            raise ValueError(f"edges refer to locations outside [0, {n_locations})")
+        order = np.lexsort((edges[1], edges[0]))
+        self.targets = edges[1, order]  # neighbours of location p: targets[start[p]:start[p + 1]]
+        self.start = np.searchsorted(edges[0, order], np.arange(n_locations + 1))
+        self.prob = float(prob)
+
+    def draw(self, loc_idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Key locations int64 ``[B]`` for query locations ``loc_idx`` int64 ``[B]``."""
+        loc_idx = np.asarray(loc_idx, dtype=np.int64)
+        count = self.start[loc_idx + 1] - self.start[loc_idx]
+        use = (rng.random(loc_idx.size) < self.prob) & (count > 0)
+        pick = (rng.random(loc_idx.size) * np.maximum(count, 1)).astype(np.int64)
+        keys = loc_idx.copy()
+        keys[use] = self.targets[self.start[loc_idx[use]] + pick[use]]
+        return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +374,35 @@ class LocationBatchSampler:
 # ---------------------------------------------------------------------------------------------
 # background prefetch
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class PatchBatch:
+    """One training batch as the loader hands it over (tensors on the training device).
+
+    Attributes:
+        patches: int16 ``[b, S, S, S]`` query patches (HU).
+        subject_idx, loc_idx: int64 ``[b]``.
+        masks: bool ``[b, S, S, S]`` lung masks of the patches, or ``None`` (no masks loaded).
+        key_patches, key_masks, key_loc_idx: the positives' patches, masks and locations when they
+            differ from the queries' (neighbour positives), else ``None``.
+    """
+
+    patches: Any
+    subject_idx: Any
+    loc_idx: Any
+    masks: Any = None
+    key_patches: Any = None
+    key_masks: Any = None
+    key_loc_idx: Any = None
+
+    def to(self, device, non_blocking: bool = False) -> PatchBatch:
+        return PatchBatch(**{f.name: None if getattr(self, f.name) is None
+                             else getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def pin_memory(self) -> PatchBatch:
+        return PatchBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
+                             for f in fields(self)})
+
+
 class PatchLoader:
     """Background reading of the sampler's batches, in plan order.
 
@@ -366,21 +414,28 @@ class PatchLoader:
         device: target device of the batches.
         workers: reading threads (>= 1).
         depth: batches read ahead.
+        masks: optional store of the bit-packed lung masks (uint8 ``[P, S, S, ceil(S/8)]`` per
+            subject, same subjects and order as ``store``), unpacked to bool ``[b, S, S, S]``.
+        keys: optional :class:`NeighbourKeys`; the key locations of batch i are drawn from a
+            generator seeded by ``(sampler seed, epoch, i, rank)``, so they need no state to resume.
 
-    Yields ``(patches int16 [b, S, S, S], subject_idx int64 [b], loc_idx int64 [b])`` on
-    ``device`` (copied from pinned memory asynchronously on CUDA). ``wait_seconds`` accumulates
-    the time the consumer spent waiting for data (the loader "starving" it).
+    Yields :class:`PatchBatch` on ``device`` (copied from pinned memory asynchronously on CUDA).
+    ``wait_seconds`` accumulates the time the consumer spent waiting for data (the loader
+    "starving" it).
     """
 
     def __init__(self, store: PatchStore, sampler: LocationBatchSampler, device: Any = "cpu",
-                 workers: int = 1, depth: int = 4):
+                 workers: int = 1, depth: int = 4, masks: PatchStore | None = None, keys: NeighbourKeys | None = None):
         import torch
 
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.store, self.sampler = store, sampler
+        if masks is not None and (len(masks) != len(store) or masks.num_locations != store.num_locations):
+            raise ValueError(f"mask store ({len(masks)} subjects x {masks.num_locations} locations) does not match "
+                             f"the patch store ({len(store)} x {store.num_locations})")
+        self.store, self.sampler, self.masks, self.keys = store, sampler, masks, keys
         self.device = torch.device(device)
         self.workers, self.depth = int(workers), int(depth)
         self.pin = self.device.type == "cuda"
@@ -389,17 +444,32 @@ class PatchLoader:
     def __len__(self) -> int:
         return len(self.sampler) - self.sampler.position
 
-    def _read(self, index: int):
+    def _masks(self, subject_idx: np.ndarray, loc_idx: np.ndarray):
+        import torch
+
+        from pipeline.patches import unpack_masks
+
+        return torch.from_numpy(unpack_masks(self.masks.get(subject_idx, loc_idx), self.store.item_shape[-1]))
+
+    def _read(self, index: int) -> PatchBatch:
         import torch
 
         subject_idx, loc_idx = self.sampler.batch(index)
-        host = torch.from_numpy(self.store.get(subject_idx, loc_idx))
-        subj, loc = torch.from_numpy(subject_idx), torch.from_numpy(loc_idx)
-        if self.pin:
-            host, subj, loc = host.pin_memory(), subj.pin_memory(), loc.pin_memory()
-        return host, subj, loc
+        batch = PatchBatch(torch.from_numpy(self.store.get(subject_idx, loc_idx)), torch.from_numpy(subject_idx),
+                           torch.from_numpy(loc_idx))
+        if self.masks is not None:
+            batch.masks = self._masks(subject_idx, loc_idx)
+        if self.keys is not None:
+            s = self.sampler
+            rng = np.random.default_rng([s.seed, s.epoch, index, s.rank, _KEY_STREAM])
+            key_loc = self.keys.draw(loc_idx, rng)
+            batch.key_loc_idx = torch.from_numpy(key_loc)
+            batch.key_patches = torch.from_numpy(self.store.get(subject_idx, key_loc))
+            if self.masks is not None:
+                batch.key_masks = self._masks(subject_idx, key_loc)
+        return batch.pin_memory() if self.pin else batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PatchBatch]:
         sampler = self.sampler
         sampler._epoch_plan()  # build the plan once, before threads race for it
         pending: collections.deque[tuple[int, Future]] = collections.deque()
@@ -414,9 +484,9 @@ class PatchLoader:
                         return
                     index, future = pending.popleft()
                     started = time.perf_counter()
-                    host, subj, loc = future.result()
+                    host = future.result()
                     self.wait_seconds += time.perf_counter() - started
-                    batch = tuple(t.to(self.device, non_blocking=self.pin) for t in (host, subj, loc))
+                    batch = host.to(self.device, non_blocking=self.pin)
                     sampler.position = index + 1
                     yield batch
             finally:

@@ -6,6 +6,7 @@ writes ``work/runs/NAME/embeddings/{sid}.npy`` = float32 ``[P, D]`` (D = encoder
 atomically. Subjects whose patches failed get an empty tombstone file, because Snakemake declares
 one output per subject. Inference is batched, without gradients, in eval mode, with bf16 autocast
 on CUDA (channels_last_3d on CPU); the next subject's patches are read in a background thread.
+The patches are masked and windowed by the run's ``input`` settings exactly as in training.
 """
 
 from __future__ import annotations
@@ -27,23 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override embed.device")
 
 
-def embed_patches(encoder, patches: np.ndarray, locations, normalise: dict[str, Any], batch_size: int = 512,
-                  device: Any = "cpu") -> np.ndarray:
+def embed_patches(encoder, patches: np.ndarray, locations, patch_input, batch_size: int = 512,
+                  device: Any = "cpu", masks: np.ndarray | None = None) -> np.ndarray:
     """Embed one subject's patches.
 
     Args:
         encoder: a :class:`models.encoder.PatchEncoder` (on ``device``; put in eval mode here).
         patches: int16 ``[P, S, S, S]`` (HU; may be a memory map).
         locations: float ``[P, 3]`` normalised grid locations (array or tensor).
-        normalise: ``{"offset", "scale"}`` of the run (intensity normalisation used in training).
+        patch_input: the run's :class:`models.intensity.PatchInput` (masking and windows, as in training).
         batch_size: patches per forward pass.
+        masks: bool ``[P, S, S, S]`` lung masks (needed when ``patch_input.lung_mask`` is on).
 
     Returns:
         float32 ``[P, feature_dim]`` pre-projection features.
     """
     import torch
-
-    from models.data import normalise as normalise_hu
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -57,7 +57,8 @@ def embed_patches(encoder, patches: np.ndarray, locations, normalise: dict[str, 
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for start in range(0, patches.shape[0], batch_size):
             chunk = torch.from_numpy(np.array(patches[start:start + batch_size])).to(device)  # copy out of a memory map
-            x = normalise_hu(chunk.unsqueeze(1), normalise["offset"], normalise["scale"])  # b x 1 x S x S x S
+            mask = None if masks is None else torch.from_numpy(np.asarray(masks[start:start + batch_size])).to(device)
+            x = patch_input(chunk, mask if patch_input.lung_mask else None)  # b x C x S x S x S
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             out.append(encoder.embed(x, loc[start:start + batch_size]).float().cpu())
@@ -78,7 +79,11 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
     from pipeline.files import atomic_path, write_npy
     from pipeline.logs import progress
 
+    from models.intensity import PatchInput
+    from pipeline.patches import unpack_masks
+
     encoder, meta = read_encoder(encoder_path, device)
+    patch_input = PatchInput.from_settings(meta["settings"]["input"])
     if int(meta["num_locations"]) != locations.shape[0]:
         raise ConfigError(f"{encoder_path} was trained on {meta['num_locations']} grid locations, the grid has "
                           f"{locations.shape[0]}")
@@ -87,7 +92,7 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
     expected = (locations.shape[0],) + (int(meta["patch_size"]),) * 3
     ok = set(ok_sids)
 
-    def read(sid: str) -> np.ndarray:
+    def read(sid: str) -> tuple[np.ndarray, np.ndarray | None]:
         path = layout.patches(sid)
         try:
             patches = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -95,7 +100,17 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
             raise SubjectError(sid, f"cannot read patches {path}: {error}", "embed") from None
         if patches.shape != expected or patches.dtype != np.int16:
             raise SubjectError(sid, f"patches {path} are {patches.dtype} {patches.shape}, expected int16 {expected}", "embed")
-        return np.array(patches)  # read in the background thread
+        masks = None
+        if patch_input.lung_mask:
+            mask_path = layout.patch_mask(sid)
+            try:
+                masks = unpack_masks(np.load(mask_path, allow_pickle=False), expected[-1])
+            except (OSError, ValueError) as error:
+                raise SubjectError(sid, f"cannot read the lung masks {mask_path} that input.lung_mask needs: "
+                                   f"{' '.join(str(error).split())}", "embed") from None
+            if masks.shape != expected:
+                raise SubjectError(sid, f"lung masks {mask_path} are {masks.shape}, expected {expected}", "embed")
+        return np.array(patches), masks  # read in the background thread
 
     counts = {"embedded": 0, "tombstoned": 0}
     todo = [sid for sid in sids if sid in ok]
@@ -107,9 +122,9 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-reader") as pool:
         pending = pool.submit(read, todo[0]) if todo else None
         for i, sid in enumerate(progress(todo, desc=f"embed {run}", unit="subject")):
-            patches = pending.result()
+            patches, masks = pending.result()
             pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
-            features = embed_patches(encoder, patches, locations, meta["settings"]["normalise"], batch_size, device)
+            features = embed_patches(encoder, patches, locations, patch_input, batch_size, device, masks=masks)
             write_npy(layout.embedding(run, sid), features)
             counts["embedded"] += 1
     return counts

@@ -72,7 +72,8 @@ def _accepted_parameters(cls: type) -> set[str]:
     return names
 
 
-def _monai_network(net: str, widths: Sequence[int], patch_size: int, feature_dim: int, **kwargs: Any) -> nn.Module:
+def _monai_network(net: str, widths: Sequence[int], patch_size: int, feature_dim: int, in_channels: int,
+                   **kwargs: Any) -> nn.Module:
     import monai.networks.nets as nets
 
     cls = getattr(nets, net, None)
@@ -81,7 +82,7 @@ def _monai_network(net: str, widths: Sequence[int], patch_size: int, feature_dim
     if kwargs.get("pretrained"):
         raise ValueError(f"backbone 'monai:{net}': pretrained=True would download weights, which is not allowed")
     accepted = _accepted_parameters(cls)
-    defaults: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "n_input_channels": 1,
+    defaults: dict[str, Any] = {"spatial_dims": 3, "in_channels": in_channels, "n_input_channels": in_channels,
                                 "num_classes": feature_dim, "out_channels": feature_dim,
                                 "img_size": (patch_size,) * 3, "pretrained": False}
     if net == "ResNet":
@@ -100,9 +101,9 @@ def _monai_network(net: str, widths: Sequence[int], patch_size: int, feature_dim
         raise ValueError(f"backbone 'monai:{net}' cannot be built with {params}: {error}") from None
 
 
-def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_dim: int,
+def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_dim: int, in_channels: int = 1,
                    **kwargs: Any) -> tuple[nn.Module, int]:
-    """Build a backbone mapping [N, 1, S, S, S] patches to [N, D] vectors.
+    """Build a backbone mapping [N, C, S, S, S] patches (C = ``in_channels``) to [N, D] vectors.
 
     Args:
         name: ``'conv'`` -> :class:`ConvBackbone` (``widths``; D = widths[-1]); ``'monai:<Net>'``
@@ -126,20 +127,20 @@ def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_di
     if name == "conv":
         if kwargs:
             raise ValueError(f"backbone 'conv' takes no backbone_kwargs, got {', '.join(sorted(kwargs))}")
-        module: nn.Module = ConvBackbone(in_channels=1, widths=widths, spatial_dims=3)
+        module: nn.Module = ConvBackbone(in_channels=in_channels, widths=widths, spatial_dims=3)
     elif isinstance(name, str) and name.startswith("monai:") and len(name) > len("monai:"):
-        module = _monai_network(name[len("monai:"):], widths, patch_size, feature_dim, **kwargs)
+        module = _monai_network(name[len("monai:"):], widths, patch_size, feature_dim, in_channels, **kwargs)
     else:
         raise ValueError(f"unknown backbone {name!r}; use {BACKBONE_HELP}")
-    return module, _output_dim(module, name, int(patch_size))
+    return module, _output_dim(module, name, int(patch_size), int(in_channels))
 
 
-def _output_dim(module: nn.Module, name: str, patch_size: int) -> int:
+def _output_dim(module: nn.Module, name: str, patch_size: int, in_channels: int) -> int:
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            out = module(torch.zeros(2, 1, patch_size, patch_size, patch_size))
+            out = module(torch.zeros(2, in_channels, patch_size, patch_size, patch_size))
     except (RuntimeError, ValueError, IndexError) as error:
         raise ValueError(f"backbone {name!r} fails on patches of size {patch_size}: "
                          f"{' '.join(str(error).split())}") from None
@@ -161,7 +162,7 @@ class PatchEncoder(nn.Module):
     without ``use_location`` the MLP sees the features alone.
 
     Args:
-        backbone: module mapping x [N, 1, S, S, S] to [N, backbone_dim].
+        backbone: module mapping x [N, C, S, S, S] to [N, backbone_dim].
         backbone_dim, feature_dim, projection_dim, location_dim: sizes (>= 1).
         use_location: concatenate the normalised atlas location to the projection input.
         hidden_dim: MLP hidden width (default feature_dim + location_dim, or feature_dim).
@@ -188,11 +189,11 @@ class PatchEncoder(nn.Module):
                                   nn.Linear(hidden, self.projection_dim))
 
     def embed(self, x: Tensor, loc: Tensor | None = None) -> Tensor:
-        """x [N, 1, S, S, S] -> [N, feature_dim] pre-projection features (``loc`` is not used)."""
+        """x [N, C, S, S, S] -> [N, feature_dim] pre-projection features (``loc`` is not used)."""
         return self.feature(self.backbone(x))  # NxF
 
     def forward(self, x: Tensor, loc: Tensor | None = None) -> Tensor:
-        """x [N, 1, S, S, S], loc [N, location_dim] -> [N, projection_dim], unit L2 norm."""
+        """x [N, C, S, S, S], loc [N, location_dim] -> [N, projection_dim], unit L2 norm."""
         h = self.embed(x)  # NxF
         if self.use_location:
             if loc is None or loc.shape != (h.shape[0], self.location_dim):
@@ -202,22 +203,30 @@ class PatchEncoder(nn.Module):
         return F.normalize(self.head(h), dim=1)  # NxP
 
 
-def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | None = None) -> PatchEncoder:
+def input_channels(settings: dict[str, Any]) -> int:
+    """C, the encoder's input channels of a resolved run: one per ``input.windows`` entry
+    (:class:`models.intensity.PatchInput`)."""
+    return len(settings["input"]["windows"])
+
+
+def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | None = None,
+                          in_channels: int = 1) -> PatchEncoder:
     """Build a :class:`PatchEncoder` from the ``train.encoder`` config section (schema defaults
-    apply to missing keys). With ``seed``, the initial weights are drawn from a seeded RNG
-    (the global RNG state is saved and restored, so callers see no side effect)."""
+    apply to missing keys) for ``in_channels`` input channels (see :func:`input_channels`). With
+    ``seed``, the initial weights are drawn from a seeded RNG (the global RNG state is saved and
+    restored, so callers see no side effect)."""
     if seed is None:
-        return _encoder_from_settings(encoder, patch_size)
+        return _encoder_from_settings(encoder, patch_size, in_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return _encoder_from_settings(encoder, patch_size)
+        return _encoder_from_settings(encoder, patch_size, in_channels)
 
 
-def _encoder_from_settings(encoder: dict[str, Any], patch_size: int) -> PatchEncoder:
+def _encoder_from_settings(encoder: dict[str, Any], patch_size: int, in_channels: int) -> PatchEncoder:
     feature_dim = int(encoder.get("feature_dim", 128))
     backbone, backbone_dim = build_backbone(encoder.get("backbone", "conv"),
                                             encoder.get("widths", (8, 16, 32, 64, 128)), patch_size,
-                                            feature_dim, **dict(encoder.get("backbone_kwargs") or {}))
+                                            feature_dim, in_channels, **dict(encoder.get("backbone_kwargs") or {}))
     return PatchEncoder(backbone, backbone_dim, feature_dim=feature_dim,
                         projection_dim=int(encoder.get("projection_dim", 128)),
                         use_location=bool(encoder.get("use_location", True)))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from models.distributed import broadcast_, concat_all_gather, is_distributed
-from models.encoder import PatchEncoder, encoder_from_settings
+from models.encoder import PatchEncoder, encoder_from_settings, input_channels
 from models.momentum import update_momentum
 from models.queue import NegativeQueue
 
@@ -23,8 +23,10 @@ SHUFFLE_BN = ("split", "none")
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder (a deep copy without gradients) and negative queue.
 
-    ``forward(x_q, x_k, loc, loc_idx)`` with views x_q, x_k [N, 1, S, S, S], normalised locations
-    loc [N, 3] and location indices loc_idx [N] returns ``(l_pos [N, 1], l_neg [N, K])``, the
+    ``forward(x_q, x_k, loc, loc_idx[, loc_k=...])`` with views x_q, x_k [N, C, S, S, S], normalised
+    locations loc [N, 3] (of the queries; ``loc_k`` [N, 3] of the keys when they come from other
+    locations, e.g. neighbour positives) and location indices loc_idx [N] (the queues'; keys are
+    enqueued there) returns ``(l_pos [N, 1], l_neg [N, K])``, the
     raw cosine similarities of each query with its key and with the queued negatives of its
     location (not divided by the temperature: :class:`models.ifm.IFMLoss` does that). In training
     mode it first moves the key encoder towards the query encoder (momentum ``m``) and finally
@@ -73,18 +75,21 @@ class MoCo(nn.Module):
         self._generator.set_state(state["shuffle_generator"])
 
     def forward(self, x_q: Tensor, x_k: Tensor, loc: Tensor, loc_idx: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None, loc_k: Tensor | None = None) -> tuple[Tensor, Tensor]:
         n = x_q.shape[0]
         if x_k.shape != x_q.shape:
             raise ValueError(f"x_q and x_k must have the same shape, got {list(x_q.shape)} and {list(x_k.shape)}")
         if loc.ndim != 2 or loc.shape[0] != n or loc_idx.shape != (n,):
             raise ValueError(f"loc must be [{n}, 3] and loc_idx [{n}], got {list(loc.shape)} and {list(loc_idx.shape)}")
+        loc_k = loc if loc_k is None else loc_k
+        if loc_k.shape != loc.shape:
+            raise ValueError(f"loc_k must be [{n}, {loc.shape[1]}], got {list(loc_k.shape)}")
         generator = self._generator if generator is None else generator
         q = self._encode_queries(x_q, loc)  # NxC, unit norm
         with torch.no_grad():
             if self.training:
                 update_momentum(self.encoder_q, self.encoder_k, self.momentum)
-            k = self._encode_keys(x_k, loc, generator)  # NxC, unit norm
+            k = self._encode_keys(x_k, loc_k, generator)  # NxC, unit norm
         l_pos = (q * k.to(q.dtype)).sum(dim=1, keepdim=True)  # Nx1
         l_neg = self.queue.negative_logits(q, loc_idx)  # NxK
         if self.training:
@@ -168,7 +173,8 @@ def moco_from_settings(settings: dict[str, Any], patch_size: int, num_locations:
     seed = int(settings.get("seed", 0))
     moco = settings.get("moco", {})
     encoder = encoder_from_settings(settings.get("encoder", {}), patch_size,
-                                    seed=seed if init_seed is None else int(init_seed))
+                                    seed=seed if init_seed is None else int(init_seed),
+                                    in_channels=input_channels(settings))
     queue = NegativeQueue(num_locations, int(moco.get("queue_size", 4096)), encoder.projection_dim,
                           shared=moco.get("queue", "per_location") == "shared", seed=seed)
     return MoCo(encoder, queue, momentum=float(moco.get("momentum", 0.999)),

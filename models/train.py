@@ -3,9 +3,13 @@
 One optimisation step (Sun et al. 2021, Robinson et al. 2021):
 
 1. the loader hands over one location batch of int16 patches ``[B, S, S, S]`` (memory-mapped,
-   read ahead in background threads), moved to the training device;
-2. they are normalised, ``(HU - offset) / scale - 1``, and augmented twice on the device by
-   :class:`models.augment.BatchedAugment` drawing from a seeded ``torch.Generator`` there;
+   read ahead in background threads; with their lung masks when ``input.lung_mask`` is on, and
+   with each query's positive patch at an adjacent location when ``positives.neighbour_prob`` >
+   0), moved to the training device;
+2. :class:`models.intensity.PatchInput` masks them and converts them to working units; they are
+   augmented on the device by :class:`models.augment.BatchedAugment` (a query view of each patch
+   and a key view of its positive) drawing from a seeded ``torch.Generator`` there, and then
+   windowed into the C input channels;
 3. :class:`models.moco.MoCo` gives ``l_pos [B, 1]`` and ``l_neg [B, K]`` against the queue of the
    batch's location (bf16 autocast on CUDA; ``channels_last_3d`` on CPU) and enqueues the keys;
 4. :class:`models.ifm.IFMLoss` (plain InfoNCE, IFM or IFM-only) is minimised by SGD with a
@@ -44,7 +48,8 @@ from torch import nn
 
 from models import checkpoint as ckpt
 from models.checkpoint import load_encoder  # noqa: F401  (public API: models.train.load_encoder)
-from models.data import LocationBatchSampler, PatchLoader, PatchStore, normalise
+from models.data import LocationBatchSampler, NeighbourKeys, PatchBatch, PatchLoader, PatchStore
+from models.intensity import PatchInput
 from pipeline.logs import interactive
 
 log = logging.getLogger(__name__)
@@ -159,6 +164,8 @@ class Trainer:
         settings: a resolved run (``pipeline.config.run_settings``; the ``train`` schema).
         store: patches of the training subjects, int16 ``[P, S, S, S]`` each.
         locations: float32 ``[P, 3]`` normalised atlas locations (grid.npz ``locations``).
+        masks: bit-packed lung masks of the same subjects (needed when ``input.lung_mask`` is on).
+        edges: int64 ``[2, E]`` grid adjacency (needed when ``positives.neighbour_prob`` > 0).
         encoder_path, history_path, checkpoint_path: outputs (rank 0 writes them; ``None``
             skips that file).
         device: ``auto``/``cpu``/``cuda`` (ignored when ``dist`` is given: its device is used).
@@ -170,7 +177,7 @@ class Trainer:
     """
 
     def __init__(self, settings: dict[str, Any], store: PatchStore, locations: np.ndarray, *,
-                 encoder_path: str | os.PathLike | None = None, history_path: str | os.PathLike | None = None,
+                 masks: PatchStore | None = None, edges: np.ndarray | None = None, encoder_path: str | os.PathLike | None = None, history_path: str | os.PathLike | None = None,
                  checkpoint_path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                  dist=None, checkpoint_every: int = 0, sids: list[str] | None = None, run_name: str = "run",
                  show_progress: bool = True, channels_last: bool | None = None):
@@ -212,6 +219,14 @@ class Trainer:
         self.fingerprint = ckpt.fingerprint(settings, sids=list(sids or store.sids), patch_size=self.patch_size,
                                             num_locations=self.num_locations, format=CHECKPOINT_FORMAT)
         self.locations = torch.as_tensor(locations, device=self.device)
+        self.patch_input = PatchInput.from_settings(settings["input"])
+        if self.patch_input.lung_mask and masks is None:
+            raise ValueError("input.lung_mask is on but no lung masks were given (cut them with patches.lung_mask)")
+        self.masks = masks if self.patch_input.lung_mask else None
+        prob = float(settings["positives"]["neighbour_prob"])
+        if prob > 0 and edges is None:
+            raise ValueError("positives.neighbour_prob > 0 needs the grid adjacency (edges)")
+        self.keys = NeighbourKeys(edges, self.num_locations, prob) if prob > 0 else None
 
     # ------------------------------------------------------------------ building blocks
     def build(self) -> None:
@@ -241,7 +256,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 moco, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        self.augment = augment_from_settings(s["augment"], s["normalise"]).to(self.device)
+        self.augment = augment_from_settings(s["augment"], self.patch_input).to(self.device)
         self.criterion = IFMLoss(method=s["loss"]["method"], epsilon=s["loss"]["epsilon"],
                                  alpha=s["loss"]["alpha"], temperature=s["moco"]["temperature"])
         opt = s["optimizer"]
@@ -345,22 +360,26 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, patches: torch.Tensor, loc_idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One optimisation step on patches int16 [b, S, S, S] and loc_idx int64 [b] (on the device).
+    def train_step(self, batch: PatchBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on a :class:`~models.data.PatchBatch` (on the device).
 
         Returns:
             (detached loss, stats of :class:`models.ifm.IFMLoss`: loss_plain, loss_ifm, acc1).
         """
-        norm = self.settings["normalise"]
-        x = normalise(patches.unsqueeze(1), norm["offset"], norm["scale"])  # b x 1 x S x S x S
-        x_q = self.augment(x, self.aug_generator)
-        x_k = self.augment(x, self.aug_generator)
+        prepare = self.patch_input
+        x = prepare.working_units(batch.patches, batch.masks)  # b x 1 x S x S x S
+        if batch.key_patches is None:
+            x_key, key_loc_idx = x, batch.loc_idx
+        else:
+            x_key, key_loc_idx = prepare.working_units(batch.key_patches, batch.key_masks), batch.key_loc_idx
+        x_q = prepare.to_channels(self.augment(x, self.aug_generator))  # b x C x S x S x S
+        x_k = prepare.to_channels(self.augment(x_key, self.aug_generator))
         if self.channels_last:
             x_q = x_q.contiguous(memory_format=torch.channels_last_3d)
             x_k = x_k.contiguous(memory_format=torch.channels_last_3d)
-        loc = self.locations[loc_idx]  # b x 3
+        loc, loc_k = self.locations[batch.loc_idx], self.locations[key_loc_idx]  # b x 3
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            l_pos, l_neg = self.forward_model(x_q, x_k, loc, loc_idx)  # bx1, bxK
+            l_pos, l_neg = self.forward_model(x_q, x_k, loc, batch.loc_idx, loc_k=loc_k)  # bx1, bxK
         loss, stats = self.criterion(l_pos.float(), l_neg.float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -371,7 +390,8 @@ class Trainer:
     def make_loader(self) -> PatchLoader:
         """Background reader of the sampler's batches from its current position
         (``num_workers`` threads; at least one)."""
-        return PatchLoader(self.store, self.sampler, self.device, workers=max(1, int(self.settings["num_workers"])))
+        return PatchLoader(self.store, self.sampler, self.device, workers=max(1, int(self.settings["num_workers"])),
+                           masks=self.masks, keys=self.keys)
 
     def _epoch_row(self) -> dict[str, float]:
         from models.distributed import concat_all_gather
@@ -438,8 +458,8 @@ class Trainer:
             started, window_start, window_step = time.perf_counter(), time.perf_counter(), self.global_step
             batches = iter(loader)
             try:
-                for patches, _, loc_idx in batches:
-                    loss, stats = self.train_step(patches, loc_idx)
+                for batch in batches:
+                    loss, stats = self.train_step(batch)
                     self.sums += torch.stack([torch.as_tensor(v, device=self.device).to(torch.float64).reshape(())
                                               for v in (loss, stats["loss_ifm"], stats["acc1"], 1.0)])
                     self.global_step += 1

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from models.data import PatchStore, patch_subjects, read_grid
     from models.distributed import cleanup, init_from_env
     from models.train import Trainer
@@ -48,13 +50,21 @@ def run(args: argparse.Namespace) -> int:
     if store.item_shape != (grid["patch_size"],) * 3:
         raise ConfigError(f"run {args.run}: patch files are {store.shape} but {layout.grid()} says patch_size "
                           f"{grid['patch_size']}")
+    masks = None
+    if settings["input"]["lung_mask"]:
+        missing = [sid for sid in sids if not layout.patch_mask(sid).is_file()]
+        if missing:
+            raise ConfigError(f"run {args.run}: input.lung_mask needs the lung masks cut with the patches, but "
+                              f"{layout.patch_mask(missing[0])} and {len(missing) - 1} more are missing "
+                              "(set patches.lung_mask: true and rerun the patches stage)")
+        masks = PatchStore([layout.patch_mask(sid) for sid in sids], sids, dtype=np.uint8)
     ctx = init_from_env(args.device or settings["device"])
     try:
         if ctx.rank == 0:
             log.info("run %s: %d subjects x %d locations, patch %d^3, %d process(es) on %s", args.run, len(sids),
                      store.num_locations, grid["patch_size"], ctx.world_size, ctx.device)
         try:
-            trainer = Trainer(settings, store, grid["locations"], encoder_path=layout.encoder(args.run),
+            trainer = Trainer(settings, store, grid["locations"], masks=masks, edges=grid["edges"], encoder_path=layout.encoder(args.run),
                               history_path=layout.history(args.run), checkpoint_path=layout.checkpoint(args.run),
                               dist=ctx, checkpoint_every=args.checkpoint_every, sids=sids, run_name=args.run)
         except ValueError as error:

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "baseline": ("pipeline.baselines", "build a baseline feature table (densitometry, oracle)", None),
     "folds": ("pipeline.folds", "make the cross-validation folds shared by every run", "evaluate"),
     "evaluate": ("pipeline.evaluate", "cross-validated outcome heads on one feature table", "evaluate"),
+    "locmap": ("pipeline.locmap", "per-location read-out map: R² of each target from each atlas location", "evaluate"),
     "report": ("pipeline.report", "write the HTML outcome report", None),
 }
 

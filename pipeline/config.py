@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator, validators
 
+from pipeline.baselines import BASELINES
 from pipeline.errors import ConfigError
 
-RESERVED_RUN_NAMES = ("densitometry", "oracle")
+RESERVED_RUN_NAMES = BASELINES  # a run named like a baseline would share its results directory
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema" / "config.schema.yaml"
 
 
@@ -88,6 +89,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
         resolved = deep_merge(config["train"], config["runs"][name])
         _validate(resolved, train_schema, prefix=f"runs.{name}")
     _check_synthetic_paths(config)
+    location_map_runs(config)  # an unknown run name is a config error
     return config
 
 
@@ -152,3 +154,22 @@ def run_settings(config: dict[str, Any], run: str) -> dict[str, Any]:
     resolved = deep_merge(config["train"], config["runs"][run])
     _validate(resolved, {"$defs": schema["$defs"], **schema["$defs"]["train"]}, prefix=f"runs.{run}")
     return resolved
+
+
+def location_map_runs(config: dict[str, Any]) -> list[str]:
+    """The runs that get a per-location read-out map (``report.location_map_runs``), in config order.
+
+    ``null`` (the default) means every run that trains (``epochs`` > 0): an untrained encoder's map
+    says nothing about where the signal is.
+
+    Raises:
+        ConfigError: a listed name is not a run.
+    """
+    names = (config.get("report") or {}).get("location_map_runs")
+    if names is None:
+        return [run for run in config["runs"] if deep_merge(config["train"], config["runs"][run])["epochs"] > 0]
+    unknown = [name for name in names if name not in config["runs"]]
+    if unknown:
+        raise ConfigError(f"config key 'report.location_map_runs': no run named {unknown[0]!r} "
+                          f"(known: {', '.join(config['runs'])})")
+    return [run for run in config["runs"] if run in names]

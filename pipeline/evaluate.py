@@ -14,6 +14,10 @@ A subject whose outcome value is missing is left out of that outcome only. With 
 awt and the numeric nuisance factors) out of the features with :class:`RidgeHead`: the
 out-of-fold R² per factor shows which factors a representation keeps and which it suppresses.
 
+Several ``--features`` tables are joined column-wise on sid (inner join; a subject missing from
+one of them is left out with a warning): how a combined feature set such as
+``densitometry+<run>`` (:func:`pipeline.baselines.combined_name`) is evaluated.
+
 Outputs (``--out-dir``, atomically): ``metrics.tsv`` (``outcome, metric, repeat, value, n``),
 ``predictions.tsv`` (``sid, outcome, repeat, observed, predicted``; regression values on the
 transformed scale) and ``readout.tsv`` (``factor, repeat, r2``; header only without a truth table).
@@ -122,8 +126,13 @@ def outcome_values(phenotypes, outcome: Outcome, sids: Sequence[str]):
     return values
 
 
-def read_features(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Subject IDs ``[N]`` and features ``X [N, D]`` (float64) of a feature table."""
+def read_feature_table(path: str | Path):
+    """One feature table (``sid`` + numeric feature columns) as a float DataFrame indexed by sid, checked.
+
+    Raises:
+        ConfigError: the table is missing, has no feature columns or no subjects.
+        SubjectError: a feature value that is text, missing or not finite, naming the subject.
+    """
     import pandas as pd
 
     from pipeline.folds import read_table
@@ -145,7 +154,53 @@ def read_features(path: str | Path) -> tuple[list[str], np.ndarray]:
         row = int(np.flatnonzero(bad_rows)[0])
         column = table.columns[int(np.flatnonzero(~np.isfinite(X[row]))[0])]
         raise SubjectError(table.index[row], f"feature {column} is missing or not finite in {path}", stage="evaluate")
-    return list(table.index), X
+    return table.astype(np.float64)
+
+
+def join_features(tables: Sequence[Any], names: Sequence[str], desc: str = "evaluate"):
+    """Column-wise inner join of feature tables on sid (a combined feature set such as densitometry + a run).
+
+    Args:
+        tables: DataFrames indexed by sid (see :func:`read_feature_table`).
+        names: one name per table, for the warning and to tell apart a column name that is in
+            more than one table (such a column becomes ``<name>:<column>``).
+
+    Returns:
+        DataFrame of the subjects that are in every table, in the first table's row order; the
+        columns of the first table, then those of the second, and so on. A subject missing from
+        some table is left out with a warning.
+
+    Raises:
+        ConfigError: no table, or no subject in every table.
+    """
+    import pandas as pd
+
+    if not tables:
+        raise ConfigError("no features table to join")
+    if len(names) != len(tables):
+        raise ValueError(f"{len(names)} names for {len(tables)} tables")
+    counts = pd.Series([c for t in tables for c in t.columns]).value_counts()
+    renamed = [t.rename(columns={c: f"{name}:{c}" for c in t.columns if counts[c] > 1})
+               for t, name in zip(tables, names)]
+    shared = set.intersection(*(set(t.index) for t in tables))
+    common = [sid for sid in tables[0].index if sid in shared]
+    lost = [sid for sid in dict.fromkeys(sid for t in tables for sid in t.index) if sid not in shared]
+    if lost:
+        missing_from = [name for t, name in zip(tables, names) if lost[0] not in t.index]
+        log.warning("%s: %d subject(s) are not in every features table and are left out (e.g. %s, not in %s)",
+                    desc, len(lost), lost[0], ", ".join(missing_from))
+    if not common:
+        raise ConfigError(f"{desc}: no subject is in every features table ({', '.join(names)})")
+    return pd.concat([t.loc[common] for t in renamed], axis=1)
+
+
+def read_features(paths: str | Path | Sequence[str | Path], desc: str = "evaluate") -> tuple[list[str], np.ndarray]:
+    """Subject IDs ``[N]`` and features ``X [N, D]`` (float64) of a feature table, or of several
+    tables joined column-wise on sid (:func:`join_features`)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    tables = [read_feature_table(path) for path in paths]
+    table = join_features(tables, [Path(path).stem for path in paths], desc=desc) if len(tables) > 1 else tables[0]
+    return list(table.index), table.to_numpy(dtype=np.float64)
 
 
 def read_folds(path: str | Path):
@@ -193,7 +248,7 @@ def _fit_predict(head, X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np
 
 def cross_validate(sids: Sequence[str], X: np.ndarray, folds, targets: Mapping[str, tuple[str, Any]],
                    settings: Mapping[str, Any], n_jobs: int = 1, desc: str = "evaluate",
-                   head_factory: Callable[[str], Any] | None = None):
+                   head_factory: Callable[[str], Any] | None = None, show_progress: bool = True):
     """Out-of-fold predictions of every target in every repeat.
 
     Args:
@@ -204,6 +259,8 @@ def cross_validate(sids: Sequence[str], X: np.ndarray, folds, targets: Mapping[s
         settings: the ``evaluate`` settings (heads' hyper-parameters, seed, n_folds).
         n_jobs: parallel fits (joblib processes).
         head_factory: ``kind -> unfitted estimator`` (default: :func:`make_head` with ``settings``).
+        show_progress: report progress over the fits (off when the caller reports its own, e.g.
+            :mod:`pipeline.locmap` calls this once per atlas location).
 
     Returns:
         DataFrame ``sid, outcome, repeat, observed, predicted``.
@@ -240,8 +297,9 @@ def cross_validate(sids: Sequence[str], X: np.ndarray, folds, targets: Mapping[s
     # BLAS on a busy machine is many times slower than one thread.
     with threadpool_limits(1):
         results = Parallel(n_jobs=n_jobs, return_as="generator")(tasks)
-        for (name, repeat, test, observed), predicted in zip(pieces, progress(results, desc=desc, total=len(tasks),
-                                                                               unit="fit")):
+        if show_progress:
+            results = progress(results, desc=desc, total=len(tasks), unit="fit")
+        for (name, repeat, test, observed), predicted in zip(pieces, results):
             frames.append(pd.DataFrame({"sid": [sids[i] for i in test], "outcome": name, "repeat": repeat,
                                         "observed": observed, "predicted": predicted}))
     if not frames:
@@ -340,7 +398,9 @@ def evaluate(sids: Sequence[str], X: np.ndarray, folds, phenotypes, settings: Ma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, help="feature TSV (sid + feature columns)")
+    parser.add_argument("--features", required=True, nargs="+", action="extend", metavar="TSV",
+                        help="feature TSV (sid + feature columns); several (or --features repeated): joined "
+                             "column-wise on sid, keeping the subjects that are in all of them")
     parser.add_argument("--folds", required=True, help="folds TSV (work/folds.tsv)")
     parser.add_argument("--phenotypes", required=True, help="phenotypes TSV (sid + COPDGene columns)")
     parser.add_argument("--truth", help="truth TSV of a synthetic cohort: also write the latent-factor read-out")
@@ -361,8 +421,8 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     settings = stage_settings(args, "evaluate")
-    label = "/".join(p for p in (args.name, args.pooling) if p) or Path(args.features).stem
-    sids, X = read_features(args.features)
+    label = "/".join(p for p in (args.name, args.pooling) if p) or "+".join(Path(f).stem for f in args.features)
+    sids, X = read_features(args.features, desc=f"evaluate {label}")
     folds = read_folds(args.folds)
     phenotypes = read_table(args.phenotypes, "phenotypes")
     truth = read_table(args.truth, "truth") if args.truth else None

@@ -7,6 +7,17 @@ reoriented to the canonical identity direction (LPS) and linearly resampled to i
 orientation, output shape and spacing, HU percentiles of the output and, for DICOM, the
 manufacturer, model, kernel, kVp and slice thickness. No patient tag is ever copied.
 
+Optional air/blood calibration (``ingest.calibration``, off by default; :mod:`pipeline.calibration`):
+after resampling, the linear map taking the trachea lumen median to ``air_hu`` and the blood pool
+median to ``blood_hu`` is fitted on the resampled grid and applied (rounded, clipped to int16).
+The map is linear, so applying it after the linear resampling equals applying it before, up to
+the one extra rounding (under 1 HU); on the resampled grid it is cheaper. The status records
+``calibration`` (``applied``, ``off`` or ``skipped: <reason>``), ``calib_air_median_hu``,
+``calib_blood_median_hu`` (raw medians), ``calib_slope``, ``calib_intercept``,
+``calib_air_voxels`` and ``calib_blood_voxels``. When the references are not found the subject
+fails (``on_failure: error``) or keeps its uncalibrated CT with the reason in the status and a
+warning naming the subject (``on_failure: skip``); the image is never changed silently.
+
 A bad subject (corrupt file, missing slice, not CT, ...) gives a ``failed`` status with a
 one-line reason and an empty tombstone at the output; the command still exits 0.
 """
@@ -24,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "ingest"
 HU_PERCENTILES = (1, 5, 50, 95, 99)
+CALIBRATION_DEFAULTS = {"enabled": False, "air_hu": -1000.0, "blood_hu": 50.0, "on_failure": "error"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +46,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status", required=True, help="status/QC JSON")
 
 
+def _calibrate(ct, sid: str, settings: dict[str, Any]):
+    """Apply the air/blood calibration to ``ct`` (int16 SimpleITK image, canonical, isotropic).
+
+    Returns:
+        (image to write, QC keys ``calibration`` and ``calib_*``).
+
+    Raises:
+        SubjectError: calibration impossible and ``on_failure`` is ``"error"``.
+    """
+    import SimpleITK as sitk
+
+    from pipeline.calibration import CalibrationError, fit_calibration
+    from pipeline.errors import SubjectError
+
+    qc: dict[str, Any] = {"calibration": "off", "calib_air_median_hu": None, "calib_blood_median_hu": None,
+                          "calib_slope": None, "calib_intercept": None, "calib_air_voxels": None,
+                          "calib_blood_voxels": None}
+    if not settings["enabled"]:
+        return ct, qc
+    array = sitk.GetArrayViewFromImage(ct)
+    spacing = tuple(float(s) for s in ct.GetSpacing()[::-1])
+    try:
+        fit = fit_calibration(array, spacing, air_hu=settings["air_hu"], blood_hu=settings["blood_hu"], sid=sid,
+                              stage=STAGE)
+    except CalibrationError as error:
+        if settings["on_failure"] == "error":
+            raise SubjectError(sid, f"calibration failed: {error.reason}", STAGE) from None
+        log.warning("subject %s: calibration skipped, the CT stays uncalibrated: %s", sid, error.reason)
+        for key, value in (("calib_air_median_hu", error.air_median_hu),
+                           ("calib_blood_median_hu", error.blood_median_hu)):
+            qc[key] = None if value is None else round(value, 1)  # measured before a plausibility check failed
+        qc["calibration"] = f"skipped: {error.reason}"
+        return ct, qc
+    calibrated = sitk.GetImageFromArray(fit.apply(array))
+    calibrated.CopyInformation(ct)
+    qc.update(calibration="applied", calib_air_median_hu=round(fit.air_median_hu, 1),
+              calib_blood_median_hu=round(fit.blood_median_hu, 1), calib_slope=round(fit.slope, 5),
+              calib_intercept=round(fit.intercept, 3), calib_air_voxels=fit.air_voxels,
+              calib_blood_voxels=fit.blood_voxels)
+    log.info("subject %s: calibrated HU' = %.4f HU %+.2f (trachea %.1f -> %g HU, blood %.1f -> %g HU)", sid,
+             fit.slope, fit.intercept, fit.air_median_hu, settings["air_hu"], fit.blood_median_hu,
+             settings["blood_hu"])
+    return calibrated, qc
+
+
 def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, spacing_mm: float = 1.0,
-                   spacing_tolerance: float = 0.05, min_slices: int = 16) -> dict[str, Any]:
+                   spacing_tolerance: float = 0.05, min_slices: int = 16,
+                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read, check, reorient and resample one raw CT and write it to ``out``.
 
     Args:
@@ -46,14 +104,16 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
         spacing_mm: output voxel size in mm.
         spacing_tolerance: relative tolerance on DICOM slice spacing.
         min_slices: minimum number of slices along the image's third axis.
+        calibration: the ``ingest.calibration`` settings (``enabled``, ``air_hu``, ``blood_hu``,
+            ``on_failure``); missing keys take :data:`CALIBRATION_DEFAULTS` (off).
 
     Returns:
         QC metrics for the status JSON. Shapes/spacings are in array order: the original
         ``[k, j, i]`` of the stored volume, the output ``[z, y, x]``.
 
     Raises:
-        SubjectError: bad input, with a one-line reason.
-        ValueError: unknown ``fmt`` or invalid numeric settings.
+        SubjectError: bad input, or calibration impossible with ``on_failure: error``, with a one-line reason.
+        ValueError: unknown ``fmt``, invalid numeric settings or an unknown ``on_failure``.
     """
     import numpy as np
     import SimpleITK as sitk
@@ -63,6 +123,9 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
 
     if fmt not in ("nifti", "dicom"):
         raise ValueError(f"fmt must be 'nifti' or 'dicom', got {fmt!r}")
+    calibration = {**CALIBRATION_DEFAULTS, **(calibration or {})}
+    if calibration["on_failure"] not in ("error", "skip"):
+        raise ValueError(f"calibration on_failure must be 'error' or 'skip', got {calibration['on_failure']!r}")
     started = time.perf_counter()
     info: dict[str, Any] = {}
     if fmt == "nifti":
@@ -88,6 +151,7 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
     del raw
     ct = ct_io.resample_isotropic(canonical, spacing_mm)
     del canonical
+    ct, calibration_qc = _calibrate(ct, sid, calibration)
     ct_io.write_volume(ct, out)
     array = sitk.GetArrayViewFromImage(ct)
     percentiles = np.percentile(array, HU_PERCENTILES)
@@ -95,6 +159,7 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
         "shape": [int(n) for n in ct.GetSize()[::-1]],
         "spacing_mm": float(spacing_mm),
         **{f"hu_p{p:02d}": round(float(v), 1) for p, v in zip(HU_PERCENTILES, percentiles)},
+        **calibration_qc,
         "seconds": round(time.perf_counter() - started, 2),
     })
     for key, name in (("Manufacturer", "manufacturer"), ("ManufacturerModelName", "model"),
@@ -111,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.status import run_subject_stage
 
     settings = stage_settings(args, "ingest")
-    options = {key: settings[key] for key in ("spacing_mm", "spacing_tolerance", "min_slices")}
+    options = {key: settings[key] for key in ("spacing_mm", "spacing_tolerance", "min_slices", "calibration")}
     run_subject_stage(
         sid=args.sid,
         stage=STAGE,

@@ -78,6 +78,10 @@ class Layout:
         """int16 [P, S, S, S] patches, memory-mappable .npy, rows ordered as the grid."""
         return self.work / "patches" / f"{sid}.npy"
 
+    def patch_mask(self, sid: str) -> Path:
+        """Bit-packed lung masks cut like the patches: uint8 [P, S, S, ceil(S/8)] (pipeline.patches.pack_masks)."""
+        return self.work / "patches_lung" / f"{sid}.npy"
+
     # ---- training and embedding -----------------------------------------------------------
     def run_dir(self, run: str) -> Path:
         return self.work / "runs" / run
@@ -129,6 +133,11 @@ class Layout:
     def readout(self, run: str, pooling: str) -> Path:
         """Out-of-fold R² of each latent factor from the features (synthetic cohorts only)."""
         return self.eval_dir(run, pooling) / "readout.tsv"
+
+    def location_map(self, run: str) -> Path:
+        """Per atlas location: out-of-fold R² of each target from that location's embedding alone
+        (``location, target, r2, n``; stage ``locmap``)."""
+        return self.results / run / "location_map.tsv"
 
     def report(self) -> Path:
         return self.results / "report.html"

@@ -64,6 +64,34 @@ class LungSegmentation:
     qc: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CoarseAirway:
+    """Result of :func:`find_airway`: body, internal air and airway on the coarse grid.
+
+    The coarse grid is the CT's grid shrunk by integer ``factors`` (block means, SimpleITK
+    ``BinShrink``): coarse voxel ``(k, j, i)`` covers the CT voxels ``f*k .. f*k+f-1`` per axis.
+
+    Attributes:
+        factors: block size ``(fz, fy, fx)`` in CT voxels.
+        spacing: coarse voxel size ``(z, y, x)`` in mm.
+        coarse_ct: ``[z', y', x']`` block means of the CT (HU), in the CT's pixel type (int16: rounded).
+        body: bool ``[z', y', x']`` the body, including the air it encloses.
+        internal_air: bool ``[z', y', x']`` air inside the body (lungs, airways, bowel gas, ...).
+        body_x: the body's left-right centre (x index on the coarse grid).
+        airway: bool ``[z', y', x']`` trachea and main bronchi (empty when no trachea was found).
+        trachea_found: whether a trachea was found in the top of the internal air.
+    """
+
+    factors: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    coarse_ct: np.ndarray
+    body: np.ndarray
+    internal_air: np.ndarray
+    body_x: float
+    airway: np.ndarray
+    trachea_found: bool
+
+
 def _planar() -> np.ndarray:
     """3x3x3 structure connecting voxels within an axial slice only (4-neighbourhood)."""
     from scipy import ndimage
@@ -349,6 +377,31 @@ def check_canonical(image, sid: str | None, stage: str) -> None:
                                 "use the output of the ingest stage", stage)
 
 
+def find_airway(ct, *, threshold_hu: float = -400.0) -> CoarseAirway:
+    """Body, internal air, trachea and main bronchi of a chest CT, on a grid of about
+    :data:`COARSE_SPACING_MM` (steps 1 to 3 of the module docstring).
+
+    Args:
+        ct: SimpleITK image, integer HU, canonical orientation, size ``(X, Y, Z)``, i.e. arrays ``[Z, Y, X]``.
+        threshold_hu: air threshold.
+
+    Returns:
+        :class:`CoarseAirway` (arrays ``[Z // fz, Y // fy, X // fx]``).
+    """
+    import SimpleITK as sitk
+
+    spacing_xyz = ct.GetSpacing()
+    factors_xyz = [max(1, int(round(COARSE_SPACING_MM / s))) for s in spacing_xyz]
+    factors = tuple(factors_xyz[::-1])  # (z, y, x)
+    coarse_spacing = tuple(float(s) * f for s, f in zip(spacing_xyz[::-1], factors))
+    coarse_ct = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors_xyz) if max(factors) > 1 else ct)
+    air = coarse_ct < threshold_hu
+    body, internal = _body_and_internal_air(air, coarse_spacing)
+    body_x = _centre_x(body)
+    airway, trachea_found = _track_airway(internal, body_x, coarse_spacing)
+    return CoarseAirway(factors, coarse_spacing, coarse_ct, body, internal, body_x, airway, trachea_found)
+
+
 def segment_lungs(ct, *, threshold_hu: float = -400.0, min_lung_volume_ml: float = 500.0,
                   sid: str | None = None) -> LungSegmentation:
     """Segment the right and left lungs of a chest CT without model weights.
@@ -372,23 +425,16 @@ def segment_lungs(ct, *, threshold_hu: float = -400.0, min_lung_volume_ml: float
     if not min_lung_volume_ml >= 0:
         raise ValueError(f"min_lung_volume_ml must be >= 0, got {min_lung_volume_ml}")
     check_canonical(ct, sid, STAGE)
-    spacing_xyz = ct.GetSpacing()
-    factors_xyz = [max(1, int(round(COARSE_SPACING_MM / s))) for s in spacing_xyz]
-    factors = tuple(factors_xyz[::-1])  # (z, y, x)
-    spacing = tuple(float(s) for s in spacing_xyz[::-1])
-    coarse_spacing = tuple(s * f for s, f in zip(spacing, factors))
+    spacing = tuple(float(s) for s in ct.GetSpacing()[::-1])
+    found = find_airway(ct, threshold_hu=threshold_hu)
+    factors, coarse_spacing = found.factors, found.spacing
+    internal, body_x, airway, trachea_found = found.internal_air, found.body_x, found.airway, found.trachea_found
     coarse_ml = float(np.prod(coarse_spacing)) / 1000.0
-
-    coarse_ct = sitk.GetArrayFromImage(sitk.BinShrink(ct, factors_xyz) if max(factors) > 1 else ct)
-    air = coarse_ct < threshold_hu
-    body, internal = _body_and_internal_air(air, coarse_spacing)
     air_ml = float(internal.sum()) * coarse_ml
     if air_ml < min_lung_volume_ml:
         raise SubjectError(sid, f"no lungs found: {air_ml:.0f} ml of air inside the body "
                                 f"(need ≥ {min_lung_volume_ml:.0f} ml)", STAGE)
 
-    body_x = _centre_x(body)
-    airway, trachea_found = _track_airway(internal, body_x, coarse_spacing)
     if not trachea_found:
         log.warning("subject %s: no trachea found in the top %.0f mm of the internal air; no airway removed", sid,
                     TRACHEA_SEARCH_MM)
@@ -422,7 +468,8 @@ def segment_lungs(ct, *, threshold_hu: float = -400.0, min_lung_volume_ml: float
 
 def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(),
              settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``lung`` stage for one subject: labels to ``out``, densitometry to ``density_path``.
+    """The ``lung`` stage for one subject: labels to ``out``, densitometry to ``density_path``
+    (:func:`pipeline.densitometry.measure` plus its ``high_attenuation`` section).
 
     Args:
         settings: the config's ``lung`` section (``threshold_hu``, ``min_lung_volume_ml``).
@@ -441,13 +488,15 @@ def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(),
         import SimpleITK as sitk
 
         from pipeline.ct_io import read_volume, write_volume
-        from pipeline.densitometry import measure
+        from pipeline.densitometry import HIGH_ATTENUATION_SECTION, high_attenuation, measure
         from pipeline.files import write_json
 
         ct = read_volume(ct_path, sid, STAGE)
         result = segment_lungs(ct, sid=sid, **options)
         voxel_ml = float(np.prod(ct.GetSpacing())) / 1000.0
-        density = measure(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(result.labels), voxel_ml)
+        ct_array, labels_array = sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(result.labels)
+        density = measure(ct_array, labels_array, voxel_ml)
+        density[HIGH_ATTENUATION_SECTION] = high_attenuation(ct_array, labels_array)
         write_volume(result.labels, out)
         write_json(density_path, density)
         log.info("subject %s: lungs %.0f ml right, %.0f ml left; LAA-950 %.1f %%", sid,

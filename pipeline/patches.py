@@ -8,6 +8,12 @@ HU values are clipped to ``patches.clip_hu`` and voxels outside the CT are fille
 (clipped to the same range). The result, int16 ``[P, S, S, S]`` with row *p* = grid location *p*,
 is written atomically as a memory-mappable ``.npy``.
 
+With ``patches.lung_mask`` (default on) the subject's lung labels are cut with the same boxes and
+stored beside the patches (``work/patches_lung/{sid}.npy``) as bit-packed lung membership, uint8
+``[P, S, S, ceil(S/8)]`` (``np.packbits`` along the last axis, little bit order; unpack with
+:func:`unpack_masks`), so that training and embedding can blank non-lung voxels
+(``train.input.lung_mask``). Packing keeps the masks at 1/16 of the patches' size.
+
 QC in the status: number of patches, mean fraction of patch voxels inside the subject lung mask
 (when ``--lung`` is given) and the fraction of padded voxels. A subject whose patches are mostly
 padding (more than :data:`MAX_PADDED_FRACTION`) fails: its transform puts the grid outside the CT.
@@ -87,8 +93,19 @@ def extract_patches(volume: np.ndarray, corners: np.ndarray, patch_size: int,
     return out, padded
 
 
-def cut_patches(ct, grid: dict[str, np.ndarray], transform, *, clip_hu=(-1024, 240), lung=None,
-                sid: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """bool ``[P, S, S, S]`` -> uint8 ``[P, S, S, ceil(S/8)]`` (bits along the last axis, little order)."""
+    return np.packbits(np.asarray(masks, dtype=bool), axis=-1, bitorder="little")
+
+
+def unpack_masks(packed: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 ``[..., S, S, ceil(S/8)]`` from :func:`pack_masks` -> bool ``[..., S, S, S]``."""
+    return np.unpackbits(np.asarray(packed), axis=-1, count=int(patch_size), bitorder="little").astype(bool)
+
+
+def cut_patches(ct, grid: dict[str, np.ndarray], transform, *, clip_hu=(-1024, 3071), lung=None,
+                sid: str | None = None, with_masks: bool = False) -> tuple[np.ndarray, dict[str, Any]] | tuple[
+                    np.ndarray, dict[str, Any], np.ndarray]:
     """All grid patches of one subject.
 
     Args:
@@ -98,10 +115,12 @@ def cut_patches(ct, grid: dict[str, np.ndarray], transform, *, clip_hu=(-1024, 2
         clip_hu: ``(low, high)`` HU clipping range.
         lung: optional SimpleITK label image on the CT grid, for the lung-fraction QC.
         sid: subject ID for error messages.
+        with_masks: also return the lung masks cut like the patches (needs ``lung``).
 
     Returns:
         (int16 ``[P, S, S, S]``, QC dict with ``n_patches``, ``padded_fraction`` and, with
-        ``lung``, ``lung_fraction``).
+        ``lung``, ``lung_fraction``) and, with ``with_masks``, bool ``[P, S, S, S]`` lung masks
+        (voxels outside the CT are not lung).
     """
     import SimpleITK as sitk
 
@@ -123,24 +142,28 @@ def cut_patches(ct, grid: dict[str, np.ndarray], transform, *, clip_hu=(-1024, 2
     patches = patches.astype(np.int16, copy=False)
     total = max(patches.size, 1)
     qc: dict[str, Any] = {"n_patches": int(len(patches)), "patch_size": S, "padded_fraction": round(padded / total, 5)}
+    if with_masks and lung is None:
+        raise ValueError("cut_patches: with_masks needs the lung labels")
+    inside = None
     if lung is not None:
         inside, _ = extract_patches(sitk.GetArrayViewFromImage(lung) > 0, corners, S, False)
         qc["lung_fraction"] = round(float(inside.mean()) if inside.size else 0.0, 5)
     if padded / total > MAX_PADDED_FRACTION:
         raise SubjectError(sid, f"patches fall outside the CT: {100 * padded / total:.0f} % of patch voxels are "
                                 f"padding (limit {100 * MAX_PADDED_FRACTION:.0f} %); check the registration", STAGE)
-    return patches, qc
+    return (patches, qc, inside) if with_masks else (patches, qc)
 
 
 # ---- stage ---------------------------------------------------------------------------------
 
 
 def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_path, upstream=(), lung_path=None,
-                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                mask_out=None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``patches`` stage for one subject: int16 ``[P, S, S, S]`` to ``out`` (``.npy``).
 
     Args:
-        lung_path: optional lung labels for the ``lung_fraction`` QC value.
+        lung_path: optional lung labels for the ``lung_fraction`` QC value (and the masks).
+        mask_out: where to write the bit-packed lung masks (:func:`pack_masks`); needs ``lung_path``.
         settings: the config's ``patches`` section (``clip_hu``).
 
     Returns:
@@ -150,7 +173,9 @@ def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_pat
 
     from pipeline.errors import ConfigError
 
-    clip_hu = (settings or {}).get("clip_hu", [-1024, 240])
+    clip_hu = (settings or {}).get("clip_hu", [-1024, 3071])
+    if mask_out is not None and lung_path is None:
+        raise ConfigError("patches: --out-mask needs --lung (the masks are cut from the lung labels)")
     if (not isinstance(clip_hu, (list, tuple)) or len(clip_hu) != 2
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in clip_hu)
             or not clip_hu[0] < clip_hu[1]):
@@ -169,15 +194,21 @@ def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_pat
         lung = read_volume(lung_path, sid, STAGE) if lung_path else None
         transform = read_transform(transform_path, sid, STAGE)
         grid = load_grid(grid_path)
-        patches, qc = cut_patches(ct, grid, transform, clip_hu=tuple(clip_hu), lung=lung, sid=sid)
+        cut = cut_patches(ct, grid, transform, clip_hu=tuple(clip_hu), lung=lung, sid=sid,
+                          with_masks=mask_out is not None)
+        patches, qc = cut[0], cut[1]
         write_npy(out, patches)
+        if mask_out is not None:
+            write_npy(mask_out, pack_masks(cut[2]))
         qc["seconds"] = round(time.perf_counter() - started, 2)
         lung_note = f", {100 * qc['lung_fraction']:.0f} % lung" if "lung_fraction" in qc else ""
         log.info("subject %s: %d patches of %d³ voxels, %.1f %% padding%s (%.1f s)", sid, qc["n_patches"],
                  qc["patch_size"], 100 * qc["padded_fraction"], lung_note, qc["seconds"])
         return qc
 
-    return run_subject_stage(sid=sid, stage=STAGE, status_path=status_path, outputs=[out], work=work, upstream=upstream)
+    outputs = [out] if mask_out is None else [out, mask_out]
+    return run_subject_stage(sid=sid, stage=STAGE, status_path=status_path, outputs=outputs, work=work,
+                             upstream=upstream)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lung", help="subject lung labels, for the lung-fraction QC (optional)")
     parser.add_argument("--upstream", action="append", default=[], help="upstream status JSON (repeatable)")
     parser.add_argument("--out", required=True, help="patches to write (work/patches/{sid}.npy)")
+    parser.add_argument("--out-mask", help="bit-packed lung masks to write (work/patches_lung/{sid}.npy; needs --lung)")
     parser.add_argument("--status", required=True, help="status JSON to write (work/qc/patches/{sid}.json)")
 
 
@@ -195,6 +227,6 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cli import stage_settings
 
     run_patches(sid=args.sid, ct_path=args.ct, transform_path=args.transform, grid_path=args.grid, out=args.out,
-                status_path=args.status, upstream=args.upstream, lung_path=args.lung,
+                status_path=args.status, upstream=args.upstream, lung_path=args.lung, mask_out=args.out_mask,
                 settings=stage_settings(args, "patches"))
     return 0

@@ -2,6 +2,11 @@
 
 - ``mean``: the average of the ``P`` patch embeddings ``[P, D] -> [D]``, as in the IFM paper's
   COPDGene experiments.
+- ``weighted``: the average weighted by each location's atlas lung fraction (``grid.npz``
+  ``lung_fraction``), so that border patches, half chest wall, count less ``[P, D] -> [D]``.
+- ``interior``: the average over the lung-interior locations only (atlas lung fraction at least
+  ``INTERIOR_LUNG_FRACTION``) ``[P, D] -> [D]``; border patches carry the lung's outline (pose,
+  size, inspiration) more than its parenchyma.
 - ``gnn``: the graph encoder trained by ``train-graph`` (``work/runs/{run}/graph.pt``) applied
   to the patch embeddings as node features over the atlas grid adjacency (``grid.npz``
   ``edges``/``edge_weight``) ``[P, D] -> [H]``.
@@ -14,6 +19,7 @@ warning. Output ``work/runs/{run}/features_{pooling}.tsv``: ``sid, f0 ... f{D-1}
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +31,8 @@ from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("mean", "gnn")
+POOLINGS = ("mean", "weighted", "interior", "gnn")
+INTERIOR_LUNG_FRACTION = 0.95  # a location is "interior" when at least this fraction of its atlas patch is lung
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +70,27 @@ def load_embedding(path: Path, sid: str, num_locations: int | None = None) -> np
 def mean_pool(embedding: np.ndarray) -> np.ndarray:
     """Average over patches: ``[P, D] -> [D]`` (float64 accumulation)."""
     return np.asarray(embedding, dtype=np.float64).mean(axis=0)
+
+
+def weighted_mean_pool(embedding: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average over patches: ``[P, D], [P] -> [D]`` (weights >= 0, not all zero)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (len(embedding),):
+        raise ValueError(f"pooling weights have shape {weights.shape}, the embedding has {len(embedding)} rows")
+    if np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError("pooling weights must be non-negative and not all zero")
+    return (weights / weights.sum()) @ np.asarray(embedding, dtype=np.float64)
+
+
+def location_weights(pooling: str, lung_fraction: np.ndarray) -> np.ndarray:
+    """``[P]`` weights of the ``weighted`` or ``interior`` pooling from the atlas lung fractions ``[P]``."""
+    lung_fraction = np.asarray(lung_fraction, dtype=np.float64)
+    if pooling == "weighted":
+        return lung_fraction
+    interior = lung_fraction >= INTERIOR_LUNG_FRACTION
+    if not interior.any():
+        raise ConfigError(f"interior pooling: no atlas location has a lung fraction >= {INTERIOR_LUNG_FRACTION}")
+    return interior.astype(np.float64)
 
 
 class GraphPooler:
@@ -146,6 +174,10 @@ def make_pooler(pooling: str, layout: Layout, run: str, device: str = "cpu") -> 
     """The pooling function of ``pooling`` for ``run``."""
     if pooling == "mean":
         return mean_pool
+    if pooling in ("weighted", "interior"):
+        with np.load(layout.grid()) as grid:
+            weights = location_weights(pooling, grid["lung_fraction"])
+        return functools.partial(weighted_mean_pool, weights=weights)
     if pooling == "gnn":
         from models.graph import load_graph_encoder
 

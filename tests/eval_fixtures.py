@@ -95,7 +95,7 @@ def make_eval_cohort(root: Path, n_subjects: int = 60, dim: int = 6, seed: int =
     sids = [f"S{i:03d}" for i in range(n_subjects)]
     locations, edges, weights, centers = lattice()
     write_npz(layout.grid(), locations=locations, edges=edges, edge_weight=weights, centers_mm=centers,
-              corners=np.zeros((len(locations), 3), np.int32), lung_fraction=np.ones(len(locations), np.float32),
+              corners=np.zeros((len(locations), 3), np.int32), lung_fraction=np.linspace(0.3, 1.0, len(locations)).astype(np.float32),
               patch_size=np.int64(PATCH_SIZE), step=np.int64(PATCH_SIZE), spacing_mm=np.float64(ATLAS_SPACING))
     with open(layout.subjects(), "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")

@@ -207,10 +207,89 @@ def test_bad_inputs_are_rejected():
         aug(torch.zeros(2, 1, 8, 8, 8, dtype=torch.int16), g)
 
 
-def test_from_settings_uses_the_normalisation():
-    aug = augment_from_settings({"rotation_deg": 5.0, "noise_std_hu": 63.2}, {"offset": -1024.0, "scale": 632.0})
-    assert aug.pad_value == -1.0 and aug.noise_std == pytest.approx(0.1) and aug.rotation_deg == 5.0
-    shifted = augment_from_settings({}, {"offset": -1000.0, "scale": 500.0})
-    assert shifted.pad_value == pytest.approx((-1024.0 + 1000.0) / 500.0 - 1.0)
+def test_from_settings_works_in_the_input_units():
+    from models.intensity import PatchInput
+
+    aug = augment_from_settings({"rotation_deg": 5.0, "noise_std_hu": 100.0}, PatchInput())
+    assert aug.pad_value == pytest.approx(-1.024) and aug.noise_std == pytest.approx(0.1) and aug.rotation_deg == 5.0
+    narrow = augment_from_settings({}, PatchInput(windows=((-1000.0, -700.0),)))
+    assert narrow.pad_value == pytest.approx(-1.0)  # air clipped into the windows' range
     with pytest.raises(ValueError, match="rotation"):
-        augment_from_settings({"rotation": 5.0}, {})
+        augment_from_settings({"rotation": 5.0}, PatchInput())
+
+
+# ----------------------------------------------------------------- kernel and intensity gain
+KERNEL = {**STILL, "kernel_prob": 1.0, "blur_sigma": (0.6, 1.4), "sharpen_amount": (0.2, 0.9)}
+
+
+def _hand_gaussian(volume, sigma):
+    """A reference blur: scipy's separable Gaussian, truncated at the same radius, nearest borders."""
+    import math
+
+    from scipy import ndimage
+
+    radius = max(1, math.ceil(3.0 * sigma))
+    return ndimage.gaussian_filter(volume.astype("float64"), sigma, mode="nearest", truncate=radius / sigma)
+
+
+def test_gaussian_blur_matches_scipy_per_sample():
+    from models.augment import gaussian_blur
+
+    x = _patches(3, 10, seed=4)
+    sigma = torch.tensor([0.5, 1.0, 1.0])
+    out = gaussian_blur(x, sigma)
+    # the kernel radius is set by the largest sigma; a smaller sigma's extra taps are ~0
+    for i in range(3):
+        expected = _hand_gaussian(x[i, 0].numpy(), float(sigma[i]))
+        assert torch.allclose(out[i, 0].double(), torch.from_numpy(expected), atol=1e-5), i
+
+
+def test_kernel_augmentation_blurs_or_sharpens_by_the_drawn_parameters():
+    aug = BatchedAugment(**KERNEL)
+    x = _patches(8, 10, seed=5)
+    params = aug.sample(8, 10, torch.Generator().manual_seed(6))
+    assert params["kernel_on"].all() and 0 < params["sharpen"].sum() < 8
+    assert ((params["blur_sigma"] >= 0.6) & (params["blur_sigma"] <= 1.4)).all()
+    assert ((params["sharpen_amount"] >= 0.2) & (params["sharpen_amount"] <= 0.9)).all()
+    out = aug.apply(x, params)
+    for i in range(8):
+        volume = x[i, 0].numpy()
+        if params["sharpen"][i]:
+            amount = float(params["sharpen_amount"][i])
+            expected = volume + amount * (volume - _hand_gaussian(volume, 1.0))
+        else:
+            expected = _hand_gaussian(volume, float(params["blur_sigma"][i]))
+        assert torch.allclose(out[i, 0].double(), torch.from_numpy(expected), atol=1e-4), i
+    # blurring lowers the voxel-to-voxel variation, sharpening raises it
+    rough = lambda v: (v[..., 1:] - v[..., :-1]).abs().mean()  # noqa: E731
+    for i in range(8):
+        assert (rough(out[i]) > rough(x[i])) == bool(params["sharpen"][i])
+
+
+def test_kernel_probability_and_seeding():
+    aug = BatchedAugment(**{**KERNEL, "kernel_prob": 0.3})
+    params = aug.sample(2000, 4, torch.Generator().manual_seed(7))
+    assert 0.26 < params["kernel_on"].float().mean() < 0.34
+    a = aug.sample(16, 8, torch.Generator().manual_seed(8))
+    b = aug.sample(16, 8, torch.Generator().manual_seed(8))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # off (the default) draws nothing, so the other draws do not change
+    plain = BatchedAugment(**STILL).sample(16, 8, torch.Generator().manual_seed(8))
+    assert "kernel_on" not in plain and all(torch.equal(plain[k], a[k]) for k in plain)
+
+
+def test_intensity_gain_and_offset_pivot_about_air_per_view():
+    aug = BatchedAugment(**STILL, intensity_gain=0.2, intensity_shift_hu=40.0, intensity_scale=1000.0,
+                         pad_value=-1.024)
+    x = _patches(6, 8, seed=9)
+    g = torch.Generator().manual_seed(10)
+    params = aug.sample(6, 8, g)
+    assert ((params["gain"] >= 0.8) & (params["gain"] <= 1.2)).all()
+    assert (params["shift"].abs() <= 0.04 + 1e-7).all()
+    out = aug.apply(x, params)
+    for i in range(6):
+        expected = -1.024 + float(params["gain"][i]) * (x[i] + 1.024) + float(params["shift"][i])
+        assert torch.allclose(out[i], expected, atol=1e-6)
+    # two views of one batch get different gains (independent draws)
+    other = aug.sample(6, 8, g)
+    assert not torch.allclose(other["gain"], params["gain"])

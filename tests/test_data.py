@@ -1,4 +1,4 @@
-"""PatchStore (memory maps, shape checks), normalise, LocationBatchSampler, PatchLoader."""
+"""PatchStore (memory maps, shape checks), LocationBatchSampler, PatchLoader, NeighbourKeys."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import LocationBatchSampler, PatchLoader, PatchStore, normalise, patch_subjects, read_grid
+from models.data import LocationBatchSampler, NeighbourKeys, PatchLoader, PatchStore, patch_subjects, read_grid
 from pipeline.errors import SubjectError
 from tests.train_fixtures import make_cohort
 
@@ -54,12 +54,6 @@ def test_store_wrong_dtype_and_missing_file(tmp_path):
         PatchStore(cohort.patch_paths())
     with pytest.raises(SubjectError, match="does not exist"):
         PatchStore([tmp_path / "nope.npy"], ["X1"])
-
-
-def test_normalise_maps_air_to_minus_one():
-    x = normalise(np.array([-1024, -392, 240], np.int16), offset=-1024.0, scale=632.0)
-    assert x.dtype == torch.float32
-    torch.testing.assert_close(x, torch.tensor([-1.0, 0.0, 1.0]))
 
 
 def test_patch_subjects_and_grid(tmp_path):
@@ -170,11 +164,70 @@ def test_loader_yields_plan_in_order_and_tracks_position(tmp_path):
     sampler.position = 2
     loader = PatchLoader(store, sampler, "cpu", workers=2, depth=3)
     seen = 0
-    for i, (patches, subjects, locs) in enumerate(loader, start=2):
+    for i, batch in enumerate(loader, start=2):
         assert sampler.position == i + 1  # advanced when handed over, not when read ahead
         s, l = sampler.batch(i)
-        np.testing.assert_array_equal(subjects.numpy(), s)
-        np.testing.assert_array_equal(patches.numpy(), store.get(s, l))
-        assert patches.dtype == torch.int16 and locs.dtype == torch.int64
+        np.testing.assert_array_equal(batch.subject_idx.numpy(), s)
+        np.testing.assert_array_equal(batch.patches.numpy(), store.get(s, l))
+        assert batch.patches.dtype == torch.int16 and batch.loc_idx.dtype == torch.int64
+        assert batch.masks is None and batch.key_patches is None and batch.key_loc_idx is None
         seen += 1
     assert seen == 4 and loader.wait_seconds >= 0.0
+
+
+# ------------------------------------------------------------------------------- neighbour positives
+def _chain_edges(n):
+    """A path 0 - 1 - ... - n-1 in both directions: int64 [2, 2(n-1)]."""
+    a = np.arange(n - 1)
+    return np.stack([np.concatenate([a, a + 1]), np.concatenate([a + 1, a])])
+
+
+def test_neighbour_keys_are_adjacent_locations():
+    edges = _chain_edges(6)
+    keys = NeighbourKeys(edges, 6, prob=1.0)
+    loc = np.repeat(np.arange(6), 50)
+    drawn = keys.draw(loc, np.random.default_rng(0))
+    adjacent = {(int(a), int(b)) for a, b in edges.T}
+    assert all((int(q), int(k)) in adjacent for q, k in zip(loc, drawn))
+    # both neighbours of an inner location are used
+    assert set(drawn[loc == 2].tolist()) == {1, 3}
+    # prob 0: the key is the query's own location; an isolated location keeps its own
+    np.testing.assert_array_equal(NeighbourKeys(edges, 6, prob=0.0).draw(loc, np.random.default_rng(0)), loc)
+    isolated = NeighbourKeys(edges, 7, prob=1.0).draw(np.full(5, 6), np.random.default_rng(0))
+    np.testing.assert_array_equal(isolated, np.full(5, 6))
+    half = NeighbourKeys(edges, 6, prob=0.5).draw(np.full(2000, 3), np.random.default_rng(1))
+    assert 0.45 < np.mean(half != 3) < 0.55
+
+
+def test_loader_reads_neighbour_keys_and_masks_of_the_same_subject(tmp_path):
+    from pipeline.patches import pack_masks
+
+    cohort = make_cohort(tmp_path, n_subjects=6, patch_size=8)
+    store = PatchStore(cohort.patch_paths())
+    rng = np.random.default_rng(0)
+    mask_paths = []
+    for i, path in enumerate(cohort.patch_paths()):
+        masks = rng.random(store.shape) < 0.5
+        mask_paths.append(tmp_path / f"mask{i}.npy")
+        np.save(mask_paths[-1], pack_masks(masks))
+    mask_store = PatchStore(mask_paths, dtype=np.uint8)
+    edges = read_grid(cohort.layout.grid())["edges"]
+    adjacent = {(int(a), int(b)) for a, b in edges.T}
+    sampler = LocationBatchSampler(6, 8, batch_size=3, mode="location", seed=4, steps_per_epoch=5)
+    loader = PatchLoader(store, sampler, "cpu", masks=mask_store, keys=NeighbourKeys(edges, 8, prob=1.0))
+    first = []
+    for batch in loader:
+        s, q, k = batch.subject_idx.numpy(), batch.loc_idx.numpy(), batch.key_loc_idx.numpy()
+        assert all((int(a), int(b)) in adjacent for a, b in zip(q, k))
+        np.testing.assert_array_equal(batch.key_patches.numpy(), store.get(s, k))  # same subject, adjacent location
+        from pipeline.patches import unpack_masks
+
+        np.testing.assert_array_equal(batch.masks.numpy(), unpack_masks(mask_store.get(s, q), 8))
+        np.testing.assert_array_equal(batch.key_masks.numpy(), unpack_masks(mask_store.get(s, k), 8))
+        first.append(k)
+    # the key draws are a function of (seed, epoch, batch): a second pass repeats them
+    sampler.set_epoch(0)
+    again = [batch.key_loc_idx.numpy() for batch in PatchLoader(store, sampler, "cpu", masks=mask_store,
+                                                               keys=NeighbourKeys(edges, 8, prob=1.0))]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.densitometry import KEYS, histogram_measures, measure
+from pipeline.densitometry import HIGH_ATTENUATION_KEYS, KEYS, high_attenuation, histogram_measures, measure
 from tests.preprocess_fixtures import render_on_grid, synth_settings
 
 
@@ -74,6 +74,53 @@ def test_bad_inputs_raise_value_errors():
         measure(ct, labels, 0.0)
     with pytest.raises(ValueError, match="empty"):
         histogram_measures(np.zeros(5, np.int64), -1000, 1.0)
+
+
+def _block_lung(core: list[int], shell_hu: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A 7x7x7 lung (right half label 1, left half label 2) inside background, whose 3x3x3 core
+    holds ``core`` (27 values) and whose outer 2-voxel shell is ``shell_hu`` (pleura-like)."""
+    ct = np.full((11, 11, 11), -1000, np.int16)
+    labels = np.zeros(ct.shape, np.uint8)
+    ct[2:9, 2:9, 2:9] = shell_hu
+    labels[2:9, 2:9, 2:6], labels[2:9, 2:9, 6:9] = 1, 2
+    ct[4:7, 4:7, 4:7] = np.array(core, np.int16).reshape(3, 3, 3)
+    return ct, labels
+
+
+def test_high_attenuation_by_hand():
+    # eroding the 7^3 lung by 2 voxels leaves its 3^3 core (the +40 HU shell drops out, and the
+    # boundary between the right and left labels is not eroded):
+    # 20 voxels at -900, 4 at -650, 2 at -400, 1 at 0
+    core = [-900] * 20 + [-650] * 4 + [-400] * 2 + [0]
+    result = high_attenuation(*_block_lung(core))
+    assert tuple(result) == HIGH_ATTENUATION_KEYS
+    assert result == pytest.approx({
+        "haa700": 100 * 7 / 27, "haa600": 100 * 3 / 27, "haa500": 100 * 3 / 27, "haa300": 100 / 27,
+        "haa100": 100 / 27,  # strictly above: 0 HU counts, -100 would not
+        # the q-th percentile is the ceil(27 q / 100)-th smallest: 23rd, 25th, 26th and 27th
+        "perc85": -650.0, "perc90": -400.0, "perc95": -400.0, "perc99": 0.0,
+        "eroded_mean_hu": (20 * -900 + 4 * -650 + 2 * -400 + 0) / 27})
+
+
+def test_high_attenuation_erosion_depth_and_edges():
+    core = [-900] * 26 + [-100]
+    ct, labels = _block_lung(core)
+    # no erosion: the whole 7^3 lung, the +40 shell included (343 - 27 = 316 voxels above -100)
+    plain = high_attenuation(ct, labels, erosion_voxels=0)
+    assert plain["haa100"] == pytest.approx(100 * 316 / 343)
+    values = ct[labels > 0].astype(np.int64)
+    for q in (85, 90, 95, 99):
+        assert plain[f"perc{q}"] == np.percentile(values, q, method="inverted_cdf")
+    # the lung touching the array's edge is eroded as if the outside were background
+    assert high_attenuation(ct[2:9, 2:9, 2:9], labels[2:9, 2:9, 2:9]) == high_attenuation(ct, labels)
+    with pytest.raises(ValueError, match="no lung voxel is left after eroding by 4 voxels"):
+        high_attenuation(ct, labels, erosion_voxels=4)
+    with pytest.raises(ValueError, match="lung mask is empty"):
+        high_attenuation(ct, np.zeros_like(labels))
+    with pytest.raises(ValueError, match="erosion_voxels"):
+        high_attenuation(ct, labels, erosion_voxels=-1)
+    with pytest.raises(ValueError, match="shape"):
+        high_attenuation(ct[1:], labels)
 
 
 def test_laa950_ranks_subjects_by_true_emphysema():

@@ -57,7 +57,9 @@ def test_embed_patches_is_batch_size_invariant(trained):
     cohort = trained
     encoder = load_encoder(cohort.layout.encoder("tiny"))
     patches = np.load(cohort.layout.patches(cohort.ok_sids[0]), mmap_mode="r")
-    norm = {"offset": -1024.0, "scale": 632.0}
+    from models.intensity import PatchInput
+
+    norm = PatchInput()
     whole = embed_patches(encoder, patches, cohort.locations, norm, batch_size=8)
     single = embed_patches(encoder, patches, cohort.locations, norm, batch_size=1)
     np.testing.assert_allclose(whole, single, rtol=1e-4, atol=1e-5)  # eval-mode BN: no batch coupling

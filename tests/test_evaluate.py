@@ -9,7 +9,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, SubjectError
-from pipeline.evaluate import Outcome, cross_validate, outcome_values, read_features, score
+from pipeline.evaluate import Outcome, cross_validate, join_features, outcome_values, read_features, score
 from pipeline.folds import make_folds, read_table
 from tests.eval_fixtures import eval_config, make_eval_cohort
 
@@ -81,6 +81,46 @@ def test_without_truth_the_readout_file_is_header_only(tmp_path):
                  "--jobs", "1"]) == 0
     assert (tmp_path / "out" / "readout.tsv").read_text().strip() == "factor\trepeat\tr2"
     assert set(read(tmp_path / "out" / "metrics.tsv")["outcome"]) == {"logFEV1pp"}
+
+
+def test_join_matches_rows_by_sid_and_drops_a_subject_missing_from_one_side(tmp_path, caplog):
+    base = tmp_path / "densitometry.tsv"
+    base.write_text("sid\tlaa950\tperc15\nA\t1.0\t-900\nB\t2.0\t-910\nC\t3.0\t-920\n")
+    run = tmp_path / "features_mean.tsv"
+    run.write_text("sid\tf0\tf1\nC\t30.0\t31.0\nA\t10.0\t11.0\nD\t40.0\t41.0\n")  # other order, no B, extra D
+    with caplog.at_level("WARNING", logger="pipeline.evaluate"):
+        sids, X = read_features([base, run], desc="evaluate densitometry+moco/mean")
+    assert sids == ["A", "C"]  # the first table's order
+    np.testing.assert_array_equal(X, [[1.0, -900, 10.0, 11.0], [3.0, -920, 30.0, 31.0]])
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "evaluate densitometry+moco/mean: 2 subject(s) are not in every features table" in warning
+    assert "e.g. B, not in features_mean" in warning
+
+    # a column name in both tables is told apart by its table's name; no shared subject is an error
+    tables = [pd.DataFrame({"f0": [1.0]}, index=["A"]), pd.DataFrame({"f0": [2.0], "f1": [3.0]}, index=["A"])]
+    assert list(join_features(tables, ["left", "right"]).columns) == ["left:f0", "right:f0", "f1"]
+    with pytest.raises(ConfigError, match="no subject is in every features table"):
+        join_features([tables[0], pd.DataFrame({"f1": [1.0]}, index=["B"])], ["left", "right"])
+
+
+def test_evaluate_stage_joins_repeated_features(tmp_path):
+    cohort = make_eval_cohort(tmp_path, n_subjects=30)
+    work = str(cohort.layout.work)
+    base, pooled = tmp_path / "densitometry.tsv", tmp_path / "features_mean.tsv"
+    assert main(["baseline", "--name", "densitometry", "--subjects", str(cohort.subjects_tsv), "--work", work,
+                 "--out", str(base)]) == 0
+    assert main(["pool", "--run", "moco", "--pooling", "mean", "--subjects", str(cohort.subjects_tsv),
+                 "--work", work, "--out", str(pooled)]) == 0
+    folds = make_folds(cohort.ok_sids, [0] * len(cohort.ok_sids), n_folds=3, repeats=1, seed=0)
+    folds.to_csv(tmp_path / "folds.tsv", sep="\t", index=False)
+    settings = dict(SETTINGS, outcomes={"logFEV1pp": SETTINGS["outcomes"]["logFEV1pp"]})
+    out = tmp_path / "results" / "densitometry+moco" / "mean"
+    assert main(["evaluate", "--features", str(base), "--features", str(pooled), "--folds", str(tmp_path / "folds.tsv"),
+                 "--phenotypes", str(cohort.phenotypes), "--name", "densitometry+moco", "--pooling", "mean",
+                 "--out-dir", str(out), "--settings", json.dumps(settings), "--jobs", "1"]) == 0
+    predictions = read(out / "predictions.tsv")
+    assert sorted(predictions["sid"]) == sorted(set(cohort.ok_sids) - {"S000", "S005"})  # FEV1 missing for two
+    assert set(read(out / "metrics.tsv")["outcome"]) == {"logFEV1pp"}
 
 
 def _signal_data(n=300, d=8, seed=0):

@@ -133,7 +133,13 @@ def test_bad_input_fails_one_subject_with_one_clear_line(tmp_path, phantom, case
 
 def test_settings_are_validated(tmp_path, phantom, capsys):
     assert validate_section("ingest", {"spacing_mm": 2, "spacing_tolerance": 0.1}) == {
-        "spacing_mm": 2, "spacing_tolerance": 0.1, "min_slices": 16}  # the schema's default fills in
+        "spacing_mm": 2, "spacing_tolerance": 0.1, "min_slices": 16,  # the schema's defaults fill in
+        "calibration": {"enabled": False, "air_hu": -1000.0, "blood_hu": 50.0, "on_failure": "error"}}
+    with pytest.raises(ConfigError, match="'ingest.calibration.on_failure': 'ignore' is not one of"):
+        validate_section("ingest", {"calibration": {"enabled": True, "on_failure": "ignore"}})
+    # the target ranges keep blood above air: swapped targets are rejected by name
+    with pytest.raises(ConfigError, match="'ingest.calibration.air_hu': 50 is greater than the maximum of -900"):
+        validate_section("ingest", {"calibration": {"air_hu": 50, "blood_hu": -1000}})
     with pytest.raises(ConfigError, match="'ingest.spacing_mm': 0 is less than or equal to the minimum of 0"):
         validate_section("ingest", {"spacing_mm": 0, "spacing_tolerance": 0.1, "min_slices": 4})
     with pytest.raises(ConfigError, match="'ingest.min_slices': 2.5 is not of type 'integer'"):

@@ -171,6 +171,8 @@ def test_stage_isolates_subjects_and_skips_failed_upstream(tmp_path):
     assert density["total"]["volume_l"] == pytest.approx(density["right"]["volume_l"] + density["left"]["volume_l"])
     assert density["total"]["volume_l"] * 1000 == pytest.approx(ok["right_ml"] + ok["left_ml"], abs=1.0)
     assert 2.0 < density["total"]["laa950"] < 15.0  # about 5 % of the lung rendered as emphysema
+    tail = density["high_attenuation"]  # the eroded lung's high-attenuation tail (airway walls, vessels)
+    assert tail["haa700"] >= tail["haa500"] >= tail["haa100"] and tail["perc85"] <= tail["perc99"]
 
 
 def test_cli_runs_the_stage(tmp_path):

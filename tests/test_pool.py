@@ -9,9 +9,10 @@ import torch
 
 from pipeline.baselines import DENSITOMETRY_KEYS, densitometry_features, oracle_features
 from pipeline.cli import main
-from pipeline.errors import SubjectError
+from pipeline.errors import ConfigError, SubjectError
 from pipeline.folds import read_table
-from pipeline.pool import GraphPooler, load_embedding, mean_pool, pool_subjects
+from pipeline.pool import (INTERIOR_LUNG_FRACTION, GraphPooler, load_embedding, location_weights, mean_pool,
+                           pool_subjects, weighted_mean_pool)
 from tests.eval_fixtures import make_eval_cohort
 
 torch.set_num_threads(1)
@@ -35,6 +36,36 @@ def test_mean_pooling_equals_the_mean_of_the_embeddings(tmp_path):
     for sid in expected:
         embedding = np.load(cohort.layout.embedding("moco", sid))
         np.testing.assert_allclose(table.loc[sid].to_numpy(), embedding.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["weighted", "interior"])
+def test_lung_fraction_poolings_weight_the_locations(tmp_path, pooling):
+    cohort = make_eval_cohort(tmp_path, n_subjects=6, failed={})
+    out = tmp_path / f"features_{pooling}.tsv"
+    assert main(["pool", "--run", "moco", "--pooling", pooling, "--subjects", str(cohort.subjects_tsv),
+                 "--work", str(cohort.layout.work), "--out", str(out)]) == 0
+    with np.load(cohort.layout.grid()) as grid:
+        fraction = grid["lung_fraction"].astype(np.float64)
+    weights = fraction if pooling == "weighted" else (fraction >= INTERIOR_LUNG_FRACTION).astype(np.float64)
+    assert 0 < weights.sum() and (pooling == "weighted" or weights.sum() < len(weights))
+    table = read_features(out)
+    for sid in cohort.ok_sids:
+        embedding = np.load(cohort.layout.embedding("moco", sid)).astype(np.float64)
+        expected = (embedding * weights[:, None]).sum(0) / weights.sum()
+        np.testing.assert_allclose(table.loc[sid].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_pool_by_hand_and_its_checks():
+    x = np.array([[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]])
+    np.testing.assert_allclose(weighted_mean_pool(x, np.array([1.0, 0.0, 1.0])), [4.0, 6.0])
+    np.testing.assert_allclose(weighted_mean_pool(x, np.array([0.5, 0.25, 0.25])), [3.0, 5.0])
+    with pytest.raises(ValueError, match="shape"):
+        weighted_mean_pool(x, np.ones(2))
+    with pytest.raises(ValueError, match="not all zero"):
+        weighted_mean_pool(x, np.zeros(3))
+    np.testing.assert_array_equal(location_weights("interior", np.array([0.3, 0.96, 1.0])), [0.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="no atlas location"):
+        location_weights("interior", np.array([0.3, 0.5]))
 
 
 def test_mean_pool_and_embedding_checks(tmp_path):

@@ -122,7 +122,8 @@ def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
     # figures: embedded as base64 PNG and written under results/figures with the declared names
     names = figure_names(config)
     assert set(names) == {"training_curves", "patch_grid", "scatter_logFEV1pp", "scatter_logFEV1FVC",
-                          "confusion_CLE", "confusion_Paraseptal", "confusion_mMRC", "readout"}
+                          "confusion_CLE", "confusion_Paraseptal", "confusion_mMRC", "readout",
+                          "locmap_moco", "locmap_ifm_e0.1"}  # location maps: placeholders without their TSVs
     for name in names:
         png = (cohort.layout.results / "figures" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG")
@@ -163,17 +164,53 @@ def test_report_without_truth_gnn_qc_or_history_still_renders(tmp_path):
     assert sorted(p.stem for p in (cohort.layout.results / "figures").glob("*.png")) == sorted(names)
 
 
+def test_combined_rows_follow_the_runs_with_their_gain_over_the_baseline(tmp_path):
+    cohort = make_eval_cohort(tmp_path, n_subjects=10)
+    config = eval_config(runs={"moco": {}}, pool={"methods": ["mean"]},
+                         cohort={"source": "manifest", "manifest": "m.tsv", "phenotypes": "p.tsv", "truth": None})
+    layout = cohort.layout
+    write_results(layout, "densitometry", "lung", MEANS, sids=cohort.ok_sids)
+    write_results(layout, "airway", "lung", {k: v + 0.02 for k, v in MEANS.items()}, sids=cohort.ok_sids)
+    write_results(layout, "moco", "mean", {k: v - 0.05 for k, v in MEANS.items()}, sids=cohort.ok_sids)
+    write_results(layout, "densitometry+moco", "mean", {k: v + 0.10 for k, v in MEANS.items()}, sids=cohort.ok_sids)
+    out = tmp_path / "report.html"
+    build_report(config, layout, out)
+    text = out.read_text()
+    checker = parse(text)
+    assert not checker.errors and not checker.stack
+    assert checker.rows == [("densitometry/lung", "baseline"), ("airway/lung", "baseline"), ("moco/mean", "run"),
+                            ("densitometry+moco/mean", "combined")]
+    assert "patch statistics: no metrics found (results/patchstats/patches/metrics.tsv)" in text
+    airway = re.search(r'data-key="airway/lung">(.*?)</tr>', text).group(1)
+    assert '<td class="text">hand-crafted airway / high-attenuation</td>' in airway
+    row = re.search(r'data-key="densitometry\+moco/mean">(.*?)</tr>', text).group(1)
+    assert '<td class="text">densitometry + moco</td><td class="text">moco</td>' in row
+    # the gain over densitometry alone: +0.100 R², +10.0 percentage points of accuracy; best in bold
+    assert '<td class="best"><b>0.400 ± 0.014 <span class="gain">(+0.100)</span></b></td>' in row
+    assert '50.0 ± 1.4 <span class="gain">(+10.0)</span>' in row
+    assert "gain" not in re.search(r'data-key="moco/mean">(.*?)</tr>', text).group(1)
+    assert "what the learned features add" in text
+
+
 def test_feature_sets_follow_the_config():
     config = eval_config(runs={"moco": {}, "random_init": {"epochs": 0},
                                "ifm_only_e0.2": {"loss": {"method": "ifm_only", "epsilon": 0.2},
                                                  "graph": {"enabled": False}}})
     sets = feature_sets(config)
+    runs = [("random_init", "mean", "random init", None), ("random_init", "gnn", "random init", None),
+            ("moco", "mean", "moco", 0.0), ("moco", "gnn", "moco", 0.0),
+            ("ifm_only_e0.2", "mean", "ifm_only", 0.2)]  # graph stage disabled: no gnn row
     assert [(s.name, s.pooling, s.method, s.epsilon) for s in sets] == [
-        ("densitometry", "lung", "densitometry", None),
-        ("random_init", "mean", "random init", None), ("random_init", "gnn", "random init", None),
-        ("moco", "mean", "moco", 0.0), ("moco", "gnn", "moco", 0.0),
-        ("ifm_only_e0.2", "mean", "ifm_only", 0.2),  # graph stage disabled: no gnn row
+        ("densitometry", "lung", "densitometry", None), ("patchstats", "patches", "patchstats", None),
+        ("airway", "lung", "airway", None), *runs,
+        *[(f"densitometry+{run}", pooling, method, epsilon) for run, pooling, method, epsilon in runs],
         ("oracle", "truth", "oracle", None)]
+    assert [s.label for s in sets if s.name.startswith(("airway", "densitometry+moco"))] == [
+        "hand-crafted airway / high-attenuation", "densitometry + moco / mean", "densitometry + moco / gnn"]
+    assert {s.kind for s in sets if "+" in s.name} == {"combined"}
+    sets = feature_sets(eval_config(evaluate={"baselines": ["densitometry"], "combine_with": []}, runs={"moco": {}},
+                                    pool={"methods": ["mean"]}))
+    assert [s.key for s in sets] == ["densitometry/lung", "moco/mean"]
     assert config_hash(config) == config_hash(json.loads(json.dumps(config)))
     assert config_hash(config) != config_hash(eval_config())
 

@@ -42,6 +42,8 @@ TINY = {
     "embed": {"batch_size": 64},
     "evaluate": {"n_folds": 3, "repeats": 2, "inner_folds": 2, "pca_components": [2],
                  "ridge_alphas": [1.0, 100.0]},
+    # one location map (420 locations x 3 targets x 3 folds of ridge fits, ~40 s): the default maps every trained run
+    "report": {"location_map_runs": ["moco"]},
 }
 
 
@@ -224,11 +226,41 @@ def test_end_to_end_report(tiny_run):
     for column in ("logFEV1pp", "logFEV1FVC", "CLE", "Paraseptal", "mMRC"):
         assert column in cells, column
     assert "±" in cells
-    for figure in ("training_curves", "patch_grid", "scatter_logFEV1pp", "confusion_CLE", "readout"):
+    for figure in ("training_curves", "patch_grid", "scatter_logFEV1pp", "confusion_CLE", "readout", "locmap_moco"):
         assert (directory / "results" / "figures" / f"{figure}.png").stat().st_size > 1000
+
+    # the per-location read-out map of the run in report.location_map_runs, and no other
+    assert "<h2>Where the signal is</h2>" in html and "no location map found" not in html
+    location_map = read_tsv(directory / "results" / "moco" / "location_map.tsv")
+    assert list(location_map[0]) == ["location", "target", "r2", "n"]
+    assert {row["target"] for row in location_map} == {"cle", "pse", "awt"}
+    assert {row["n"] for row in location_map} == {str(len(qc))}
+    for run in ("random_init", "ifm_e0.5"):
+        assert not (directory / "results" / run / "location_map.tsv").exists()
 
     metrics = read_tsv(directory / "results" / "ifm_e0.5" / "gnn" / "metrics.tsv")
     assert {m["outcome"] for m in metrics} == set(["logFEV1pp", "logFEV1FVC", "CLE", "Paraseptal", "mMRC"])
+
+    # the hand-crafted baselines and "densitometry + run" (every run x pooling) are evaluated and reported
+    for row in ("patch statistics", "hand-crafted airway / high-attenuation", "densitometry + ifm_e0.5"):
+        assert row in cells, row
+    assert 'class="gain"' in html
+    for name, pooling in (("patchstats", "patches"), ("airway", "lung"), ("densitometry+random_init", "mean"),
+                          ("densitometry+moco", "gnn"), ("densitometry+ifm_e0.5", "mean"),
+                          ("densitometry+ifm_e0.5", "gnn")):
+        metrics = read_tsv(directory / "results" / name / pooling / "metrics.tsv")
+        assert {m["outcome"] for m in metrics} == {"logFEV1pp", "logFEV1FVC", "CLE", "Paraseptal", "mMRC"}, name
+    airway = read_tsv(directory / "work" / "baselines" / "airway.tsv")
+    assert len(airway) == len(qc) and {"laa950", "haa700", "perc99", "eroded_mean_hu"} <= set(airway[0])
+    patchstats = read_tsv(directory / "work" / "baselines" / "patchstats.tsv")
+    assert len(patchstats) == len(qc) and "patch_sd_hu" in patchstats[0]
+
+    def subjects_per_outcome(name):  # the join keeps every subject: the same n as the run alone
+        rows = read_tsv(directory / "results" / name / "gnn" / "metrics.tsv")
+        return {(m["outcome"], m["repeat"], m["n"]) for m in rows}
+
+    assert subjects_per_outcome("densitometry+ifm_e0.5") == subjects_per_outcome("ifm_e0.5")
+
     embedding = directory / "work" / "runs" / "moco" / "embeddings" / f"{qc[0]['sid']}.npy"
     assert embedding.stat().st_size > 0
 
@@ -247,7 +279,8 @@ def test_snakemake_report_packages_the_figures(tiny_run):
     result = snakemake(directory, config, "--report", "snakemake_report.html")
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    for name in ("training_curves.png", "patch_grid.png", "confusion_CLE.png", "readout.png", "qc.tsv"):
+    for name in ("training_curves.png", "patch_grid.png", "confusion_CLE.png", "readout.png", "locmap_moco.png",
+                 "qc.tsv"):
         assert f"Adding {name}" in log, name
     assert (directory / "snakemake_report.html").stat().st_size > 100_000
 

@@ -3,9 +3,10 @@
 Sections: the main table (rows = feature sets, columns = outcome metrics, mean ± sd over CV
 repeats, in the layout of Table 2 of Robinson et al. 2021), figures (training curves, predicted vs
 observed per regression outcome, confusion matrix per ordinal outcome, the patch grid on one
-subject, the read-out heatmap), the latent-factor read-out table (synthetic cohorts), QC
-exclusions and subjects per outcome, and provenance (config hash, package versions, run time per
-stage, date). Figures are also written to ``results/figures/<name>.png``.
+subject, the read-out heatmap), "Where the signal is" (per mapped run, the per-location read-out R² of
+each target on the atlas, from ``results/<run>/location_map.tsv``), the latent-factor read-out
+table (synthetic cohorts), QC exclusions and subjects per outcome, and provenance (config hash,
+package versions, run time per stage, date). Figures are also written to ``results/figures/<name>.png``.
 
 Anything missing (a run without gnn pooling, no truth table, no QC table yet...) is left out with a
 note; the report never fails because a piece is absent.
@@ -59,6 +60,7 @@ def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
         ("results", "Outcome prediction", _results_section(config, sets, main)),
         ("figures", "Figures", _figures_section(config, layout, main, predictions, readouts, sets, figures_dir)),
     ]
+    sections.append(("locmap", "Where the signal is", _location_map_section(config, layout, figures_dir)))
     if config.get("cohort", {}).get("truth"):
         sections.append(("readout", "Latent-factor read-out", _readout_section(sets, readouts)))
     sections.append(("qc", "Quality control", _qc_section(layout, metrics, outcomes)))
@@ -79,7 +81,10 @@ def _results_section(config, sets, main) -> list[str]:
         "Out-of-fold performance of supervised heads on each subject-level feature set, with the same "
         "folds for every row (layout of Table 2 in Robinson et al., NeurIPS 2021). Cells are mean ± sd over "
         f"{config['evaluate']['repeats']} repeat(s) of {config['evaluate']['n_folds']}-fold cross-validation; "
-        "the best value per column (oracle excluded) is in bold. " + html.column_legend(main.columns) + ".")]
+        "the best value per column (oracle excluded) is in bold. " + html.column_legend(main.columns) + "."
+        + (" Rows '<baseline> + <run>' join the baseline's features to the run's (same subjects, same folds); "
+           "the number in brackets is the change from the baseline alone, i.e. what the learned features add "
+           "to it (percentage points for accuracies)." if any(s.kind == "combined" for s in main.rows) else ""))]
     if main.rows:
         parts.append(html.main_table(main))
     else:
@@ -97,7 +102,8 @@ def _results_section(config, sets, main) -> list[str]:
 def _figures_section(config, layout, main, predictions, readouts, sets, figures_dir) -> list[str]:
     from pipeline.report import figures, html, tables
 
-    wanted = figures.figure_names(config)
+    mapped = set(figures.location_map_names(config))  # drawn in their own section
+    wanted = [name for name in figures.figure_names(config) if name not in mapped]
     outcomes = config["evaluate"]["outcomes"]
     drawn: dict[str, tuple[Any, str]] = {}
 
@@ -203,6 +209,91 @@ def _patch_grid_figure(config, layout, figures) -> tuple[Any, str]:
         reason = " ".join(str(error).split())
         log.warning("report: patch grid figure not drawn: %s", reason)
         return figures.placeholder("patch grid", f"not drawn: {reason}"), f"Patch grid not drawn: {reason}."
+
+
+def _location_map_section(config, layout, figures_dir) -> list[str]:
+    """Per mapped run, the per-location read-out R² (``results/<run>/location_map.tsv``) on the atlas."""
+    import math
+
+    import numpy as np
+
+    from pipeline.config import location_map_runs
+    from pipeline.report import figures, html, tables
+
+    runs = location_map_runs(config)
+    if not runs:
+        return [html.note("No run is mapped: report.location_map_runs is empty, or no run trains (epochs > 0).")]
+    evaluate = config["evaluate"]
+    if config.get("cohort", {}).get("truth"):
+        what = "each latent factor of the synthetic cohort (cle, pse, awt)"
+    else:
+        names = [name for name, spec in evaluate["outcomes"].items() if spec["kind"] == "regression"]
+        what = "each regression outcome (" + ", ".join(names) + ")"
+    maps = {}
+    for run in runs:
+        frame = tables.read_tsv(layout.location_map(run))
+        if frame is not None and {"location", "target", "r2", "n"} <= set(frame.columns) and not frame.empty:
+            maps[run] = frame
+    top = max((float(np.nanmax(frame["r2"].to_numpy(float))) for frame in maps.values()), default=0.0)
+    vmax = max(0.1, math.ceil(np.nan_to_num(top) * 10) / 10)  # one colour scale for every run and target
+    atlas, reason = _atlas_for_map(layout)
+    parts = [html.paragraph(
+        f"For every atlas grid location, the out-of-fold R² of {what} predicted from that location's patch "
+        "embedding alone, one figure per run: the read-out's head (StandardScaler + ridge, penalty chosen by inner "
+        f"{evaluate['inner_folds']}-fold CV) with the shared folds of the main table ({evaluate['n_folds']}-fold "
+        "CV, repeat 0 only). Each filled square is a patch location whose box crosses the drawn slice of the "
+        "atlas lung (white outline): left an axial slice (patient right on the left), right a coronal slice "
+        "(superior up), each through the middle of the patch layer nearest the lung centroid. One colour scale "
+        f"for every panel and run, from 0 (R² ≤ 0: nothing beyond the mean) to {vmax:g}. A factor that lives in "
+        "one region shows as bright squares there: upper-zone centrilobular emphysema (cle) high in the coronal "
+        "slice, airway wall thickness (awt) in the airway-rich central lung.")]
+    for run in runs:
+        name = f"locmap_{run}"
+        frame = maps.get(run)
+        if frame is None:
+            figure = figures.placeholder(f"location map {run}", "no location map found")
+            caption = f"{run}: no location map found ({layout.location_map(run)})."
+        elif atlas is None:
+            figure = figures.placeholder(f"location map {run}", reason)
+            caption = f"{run}: the atlas could not be read ({reason})."
+        else:
+            mask, corners, patch_size, spacing = atlas
+            values = {}
+            for target, group in frame.groupby("target", sort=False):
+                r2 = np.full(corners.shape[0], np.nan)
+                locations = group["location"].to_numpy(int)
+                keep = (locations >= 0) & (locations < corners.shape[0])
+                r2[locations[keep]] = group["r2"].to_numpy(float)[keep]
+                values[target] = r2
+            figure = figures.location_map(run, mask, corners, patch_size, values, vmax=vmax, spacing=spacing)
+            best = "; ".join(f"{target} {np.nanmax(r2):.2f} at location {int(np.nanargmax(r2))}"
+                             for target, r2 in values.items() if np.isfinite(r2).any())
+            caption = (f"{run}: out-of-fold R² per location, n = {int(frame['n'].max())} subjects; best location "
+                       f"per target: {best}.")
+        data = figures.save_png(figure, figures_dir / f"{name}.png")
+        parts.append(html.figure(data, name, caption))
+    return parts
+
+
+def _atlas_for_map(layout):
+    """(atlas labels [Z, Y, X], grid corners [P, 3], patch size, spacing (z, y, x)), or None and why."""
+    import numpy as np
+
+    try:
+        for path in (layout.atlas_mask(), layout.grid()):
+            if not path.is_file() or path.stat().st_size == 0:
+                raise FileNotFoundError(f"{path} is missing or empty")
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(str(layout.atlas_mask()))
+        with np.load(layout.grid()) as grid:
+            corners = np.asarray(grid["corners"], dtype=np.int64)
+            patch_size = int(grid["patch_size"])
+        return (sitk.GetArrayFromImage(image), corners, patch_size, tuple(image.GetSpacing())[::-1]), ""
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        log.warning("report: location maps: %s", reason)
+        return None, f"atlas unreadable: {reason}"
 
 
 def _readout_section(sets, readouts) -> list[str]:

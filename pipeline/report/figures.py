@@ -29,7 +29,14 @@ def figure_names(config: Mapping[str, Any]) -> list[str]:
     names += [f"confusion_{name}" for name, spec in outcomes.items() if spec["kind"] == "ordinal"]
     if config.get("cohort", {}).get("truth"):
         names.append("readout")
-    return names
+    return names + location_map_names(config)
+
+
+def location_map_names(config: Mapping[str, Any]) -> list[str]:
+    """File stems of the per-location read-out maps: ``locmap_<run>`` per mapped run."""
+    from pipeline.config import location_map_runs
+
+    return [f"locmap_{run}" for run in location_map_runs(config)]
 
 
 def png(figure: Figure) -> bytes:
@@ -219,4 +226,103 @@ def patch_grid(sid: str, ct, transform, centers_mm: np.ndarray, half_mm: float) 
     ax_axial.set_title(f"{sid}: axial slice {k_mid} (patient right on the left)")
     ax_coronal.set_title(f"{sid}: coronal slice {j_mid}")
     figure.tight_layout()
+    return figure
+
+
+def location_map_slices(atlas: np.ndarray, corners: np.ndarray, patch_size: int) -> tuple[int, int]:
+    """The axial (``z``) and coronal (``y``) slice indices of the location map.
+
+    Each goes through the atlas lung's centroid along its axis, moved to the middle of the nearest
+    layer of grid patches (so that with a step above half the patch size a slice crosses one
+    layer only, and every square drawn is the patch nearest the slice).
+
+    Args:
+        atlas: label map ``[Z, Y, X]`` (lung > 0).
+        corners: int ``[P, 3]`` patch corners ``(z, y, x)`` in ``atlas`` index space.
+        patch_size: ``S`` in voxels.
+    """
+    lung = np.argwhere(atlas > 0)
+    if lung.size == 0:
+        raise ValueError("the atlas has no lung voxels")
+    centroid = lung.mean(axis=0)  # (z, y, x)
+    picked = []
+    for axis in (0, 1):
+        middles = np.unique(np.asarray(corners)[:, axis]) + patch_size // 2
+        target = centroid[axis]
+        index = int(middles[np.argmin(np.abs(middles - target))]) if middles.size else int(round(target))
+        picked.append(int(np.clip(index, 0, atlas.shape[axis] - 1)))
+    return picked[0], picked[1]
+
+
+def location_map(run: str, atlas: np.ndarray, corners: np.ndarray, patch_size: int,
+                 values: Mapping[str, np.ndarray], vmax: float = 1.0,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> Figure:
+    """Per-location R² of each target on one axial and one coronal slice of the atlas lung.
+
+    One row per target (left: axial slice, patient right on the left; right: coronal slice,
+    superior up). Every location whose patch box ``[corner, corner + S)`` crosses the slice is a
+    filled square, coloured by its R² on one colour scale ``[0, vmax]`` shared by all panels
+    (values below 0 get the colour of 0; locations without a value are left unfilled). The
+    patches nearest the slice are drawn last (on top); the atlas lung is outlined in white.
+
+    Args:
+        atlas: label map ``[Z, Y, X]`` (lung > 0).
+        corners: int ``[P, 3]`` patch corners ``(z, y, x)`` in ``atlas`` index space (``grid.npz``).
+        patch_size: ``S`` in voxels.
+        values: target -> R² per location ``[P]`` (NaN = not evaluated).
+        vmax: top of the colour scale.
+        spacing: atlas voxel size ``(z, y, x)`` in mm (panel aspect ratios).
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import PatchCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    atlas = np.asarray(atlas)
+    corners = np.asarray(corners, dtype=np.int64)
+    k, j = location_map_slices(atlas, corners, patch_size)
+    lung = (atlas > 0).astype(float)
+    norm = Normalize(vmin=0.0, vmax=max(float(vmax), 1e-6))
+    cmap = "viridis"
+    sz, sy, sx = (float(v) for v in spacing)
+    targets = list(values)
+    figure = Figure(figsize=(8.4, 3.4 * max(1, len(targets))))
+    axes = np.atleast_2d(figure.subplots(max(1, len(targets)), 2, squeeze=False))
+    # (normal axis, slice index, in-plane axes (horizontal, vertical), image, origin, aspect)
+    planes = (
+        (0, k, (2, 1), lung[k], "upper", sy / sx, f"axial slice z={k} (patient right on the left)"),
+        (1, j, (2, 0), lung[:, j, :], "lower", sz / sx, f"coronal slice y={j} (superior up)"),
+    )
+    for row, target in enumerate(targets):
+        r2 = np.asarray(values[target], dtype=float)
+        if r2.shape != (corners.shape[0],):
+            raise ValueError(f"values[{target!r}] has shape {r2.shape}, expected [{corners.shape[0]}]")
+        for col, (normal, index, (u, v), image, origin, aspect, title) in enumerate(planes):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray", vmin=-0.6, vmax=1.6, origin=origin, aspect=aspect, interpolation="nearest")
+            crossing = np.flatnonzero((corners[:, normal] <= index) & (index < corners[:, normal] + patch_size))
+            distance = np.abs(corners[crossing, normal] + 0.5 * (patch_size - 1) - index)
+            crossing = crossing[np.argsort(-distance, kind="stable")]  # nearest the slice drawn last
+            filled = crossing[np.isfinite(r2[crossing])]
+            empty = crossing[~np.isfinite(r2[crossing])]
+            squares = [Rectangle((corners[p, u] - 0.5, corners[p, v] - 0.5), patch_size, patch_size) for p in filled]
+            if squares:
+                collection = PatchCollection(squares, cmap=cmap, norm=norm, edgecolor="0.15", linewidth=0.4)
+                collection.set_array(np.clip(r2[filled], 0.0, None))
+                ax.add_collection(collection)
+            if empty.size:
+                ax.add_collection(PatchCollection(
+                    [Rectangle((corners[p, u] - 0.5, corners[p, v] - 0.5), patch_size, patch_size) for p in empty],
+                    facecolor="none", edgecolor="0.5", linewidth=0.4, linestyle=":"))
+            if image.any():
+                ax.contour(image, levels=[0.5], colors="white", linewidths=0.8)  # (col, row) like imshow
+            ax.set_xlim(-0.5, image.shape[1] - 0.5)
+            ax.set_ylim(*((image.shape[0] - 0.5, -0.5) if origin == "upper" else (-0.5, image.shape[0] - 0.5)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{target}: {title}", fontsize=9)
+    figure.suptitle(f"{run}: out-of-fold R² from each location's embedding alone", fontsize=11)
+    figure.tight_layout(rect=(0, 0, 0.9, 0.97))
+    bar = figure.add_axes((0.91, 0.1, 0.02, 0.8))
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar, label="R² (clipped at 0)")
     return figure

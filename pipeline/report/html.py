@@ -35,6 +35,12 @@ def format_cell(mean: float, sd: float, percent: bool) -> str:
     return text
 
 
+def format_gain(value: float, percent: bool) -> str:
+    """A signed difference of means: ``+0.081`` (R²) or ``+8.1`` (accuracies, percentage points)."""
+    scale, digits = (100.0, 1) if percent else (1.0, 3)
+    return f"{value * scale:+.{digits}f}"
+
+
 def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
@@ -59,13 +65,14 @@ def _epsilon(value: float | None) -> str:
 
 
 def main_table(table: MainTable) -> str:
-    """The IFM-Table-2-style table: feature sets x outcome metrics, mean ± sd, best in bold."""
+    """The IFM-Table-2-style table: feature sets x outcome metrics, mean ± sd, best in bold; a
+    combined row (baseline + run) also shows its gain over the baseline alone, in brackets."""
     head = ["Features", "Method", "ε", "Pooling"] + [c.label for c in table.columns]
     lines = ['<table class="main">', "<thead><tr>" + "".join(
         f'<th class="{"text" if i < 4 else "num"}">{esc(h)}</th>' for i, h in enumerate(head)) + "</tr></thead>",
         "<tbody>"]
     for row in table.rows:
-        cells = [f'<td class="text">{esc(row.name)}</td>', f'<td class="text">{esc(row.method)}</td>',
+        cells = [f'<td class="text">{esc(row.title)}</td>', f'<td class="text">{esc(row.method)}</td>',
                  f'<td class="text">{esc(_epsilon(row.epsilon))}</td>', f'<td class="text">{esc(row.pooling)}</td>']
         for column in table.columns:
             cell = table.cells.get((row.key, column))
@@ -73,6 +80,9 @@ def main_table(table: MainTable) -> str:
                 cells.append("<td>—</td>")
                 continue
             text = esc(format_cell(cell[0], cell[1], column.percent))
+            gain = table.gain.get((row.key, column))
+            if gain is not None:
+                text += f' <span class="gain">({esc(format_gain(gain, column.percent))})</span>'
             if row.key in table.best.get(column, ()):
                 cells.append(f'<td class="best"><b>{text}</b></td>')
             else:

@@ -19,26 +19,29 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.baselines import BASELINE_LABELS, BASELINE_POOLING, combined_name
 from pipeline.layout import Layout
 
-BASELINE_POOLING = MappingProxyType({"densitometry": "lung", "oracle": "truth"})
 PACKAGES = ("copdssl", "torch", "monai", "torch-geometric", "snakemake", "SimpleITK", "statsmodels", "scikit-learn",
             "numpy", "scipy", "pandas", "matplotlib", "nibabel", "pydicom", "jsonschema", "PyYAML")
 STAGE_ORDER = ("cohort", "manifest", "ingest", "lung", "atlas", "register", "patches", "qc", "train", "embed",
-               "train-graph", "train_graph", "pool", "baseline", "folds", "evaluate", "report")
+               "train-graph", "train_graph", "pool", "baseline", "folds", "evaluate", "locmap", "report")
 HIGHER_IS_BETTER = MappingProxyType({"r2": True, "acc": True, "acc1off": True})
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """One row of the main table: a run x pooling, or a baseline.
+    """One row of the main table: a run x pooling, a baseline, or a baseline + run x pooling.
 
     Attributes:
-        name: run or baseline name (the ``results/<name>/<pooling>/`` directory).
-        pooling: ``mean``/``gnn`` for runs, ``lung`` (densitometry), ``truth`` (oracle).
-        kind: ``baseline``, ``run`` or ``oracle``.
-        method: ``densitometry``, ``random init``, ``moco``, ``ifm``, ``ifm_only`` or ``oracle``.
+        name: run, baseline or combined name (the ``results/<name>/<pooling>/`` directory).
+        pooling: ``mean``/``gnn`` for runs and combined sets, else the baseline's pooling label
+            (``pipeline.baselines.BASELINE_POOLING``: ``lung``, ``patches``, ``truth``).
+        kind: ``baseline``, ``run``, ``combined`` (a baseline's features joined to a run's) or ``oracle``.
+        method: the baseline's name, or the run's ``random init``, ``moco``, ``ifm`` or ``ifm_only``.
         epsilon: the IFM epsilon of a run (0 for plain MoCo), else ``None``.
+        base: the baseline of a combined set (``densitometry``), else ``None``.
+        run: the run of a run or combined set, else ``None``.
     """
 
     name: str
@@ -46,12 +49,28 @@ class FeatureSet:
     kind: str
     method: str
     epsilon: float | None = None
+    base: str | None = None
+    run: str | None = None
+
+    @property
+    def title(self) -> str:
+        """The feature set without its pooling: ``ifm_e0.5``, ``densitometry + ifm_e0.5``, a baseline's label."""
+        if self.kind == "combined":
+            return f"{BASELINE_LABELS.get(self.base, self.base)} + {self.run}"
+        if self.kind == "run":
+            return self.name
+        return BASELINE_LABELS.get(self.name, self.name)
 
     @property
     def label(self) -> str:
-        if self.kind == "run":
-            return f"{self.name} / {self.pooling}"
-        return self.name
+        if self.kind in ("run", "combined"):
+            return f"{self.title} / {self.pooling}"
+        return self.title
+
+    @property
+    def base_key(self) -> str | None:
+        """Key of the baseline row a combined set is compared with (``densitometry/lung``)."""
+        return f"{self.base}/{BASELINE_POOLING[self.base]}" if self.kind == "combined" else None
 
     @property
     def key(self) -> str:
@@ -76,12 +95,14 @@ class Column:
 
 @dataclass
 class MainTable:
-    """Rows x columns of (mean, sd, repeats) cells; ``best`` marks the best non-oracle row per column."""
+    """Rows x columns of (mean, sd, repeats) cells; ``best`` marks the best non-oracle row per column;
+    ``gain`` is, for a combined row, its mean minus its baseline's mean (what the run adds to it)."""
 
     rows: list[FeatureSet]
     columns: list[Column]
     cells: dict[tuple[str, Column], tuple[float, float, int]] = field(default_factory=dict)
     best: dict[Column, set[str]] = field(default_factory=dict)
+    gain: dict[tuple[str, Column], float] = field(default_factory=dict)
 
 
 def run_description(train: Mapping[str, Any]) -> tuple[str, float | None]:
@@ -104,16 +125,19 @@ def resolved_run_settings(config: Mapping[str, Any], run: str) -> dict[str, Any]
 
 
 def feature_sets(config: Mapping[str, Any]) -> list[FeatureSet]:
-    """The rows in table order: densitometry, untrained runs, the other runs x poolings, oracle.
+    """The rows in table order: the baselines (densitometry, patch statistics, airway), untrained
+    runs, the other runs x poolings, each ``evaluate.combine_with`` baseline + every run x pooling
+    (in the same order), oracle.
 
     gnn pooling rows exist only for runs whose graph stage is enabled; the oracle only when the
     cohort has a truth table.
     """
-    baselines = config.get("evaluate", {}).get("baselines", [])
+    evaluate = config.get("evaluate", {})
+    baselines = evaluate.get("baselines", [])
+    truth = config.get("cohort", {}).get("truth")
     poolings = config.get("pool", {}).get("methods", ["mean"])
-    sets = []
-    if "densitometry" in baselines:
-        sets.append(FeatureSet("densitometry", BASELINE_POOLING["densitometry"], "baseline", "densitometry"))
+    sets = [FeatureSet(b, BASELINE_POOLING[b], "baseline", b) for b in BASELINE_POOLING
+            if b in baselines and b != "oracle"]
     runs = []
     for run in config.get("runs", {}):
         train = resolved_run_settings(config, run)
@@ -121,9 +145,14 @@ def feature_sets(config: Mapping[str, Any]) -> list[FeatureSet]:
         graph = train.get("graph", {}).get("enabled", True)
         for pooling in poolings:
             if pooling != "gnn" or graph:
-                runs.append(FeatureSet(run, pooling, "run", method, epsilon))
-    sets += [s for s in runs if s.method == "random init"] + [s for s in runs if s.method != "random init"]
-    if "oracle" in baselines and config.get("cohort", {}).get("truth"):
+                runs.append(FeatureSet(run, pooling, "run", method, epsilon, run=run))
+    runs = [s for s in runs if s.method == "random init"] + [s for s in runs if s.method != "random init"]
+    sets += runs
+    for base in evaluate.get("combine_with", []):
+        if base != "oracle" or truth:
+            sets += [FeatureSet(combined_name(base, s.name), s.pooling, "combined", s.method, s.epsilon, base=base,
+                                run=s.name) for s in runs]
+    if "oracle" in baselines and truth:
         sets.append(FeatureSet("oracle", BASELINE_POOLING["oracle"], "oracle", "oracle"))
     return sets
 
@@ -168,7 +197,8 @@ def summarise(values: pd.Series) -> tuple[float, float, int]:
 
 
 def main_table(sets: Sequence[FeatureSet], metrics: Mapping[str, pd.DataFrame], columns: Sequence[Column]) -> MainTable:
-    """The rows with metrics, their mean ± sd cells, and the best non-oracle row per column."""
+    """The rows with metrics, their mean ± sd cells, the best non-oracle row per column, and each
+    combined row's gain over its baseline alone."""
     rows = [s for s in sets if s.key in metrics]
     table = MainTable(rows=rows, columns=list(columns))
     for s in rows:
@@ -183,6 +213,10 @@ def main_table(sets: Sequence[FeatureSet], metrics: Mapping[str, pd.DataFrame], 
         if candidates:
             best = max(candidates.values()) if HIGHER_IS_BETTER[column.metric] else min(candidates.values())
             table.best[column] = {k for k, v in candidates.items() if math.isclose(v, best, rel_tol=0, abs_tol=1e-12)}
+    for s in rows:
+        for column in columns:
+            if s.kind == "combined" and (s.key, column) in table.cells and (s.base_key, column) in table.cells:
+                table.gain[(s.key, column)] = table.cells[(s.key, column)][0] - table.cells[(s.base_key, column)][0]
     return table
 
 

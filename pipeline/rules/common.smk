@@ -14,7 +14,8 @@ import re
 # their own processes.
 gc.set_threshold(10_000, 10, 100)
 
-from pipeline.config import run_settings, validate_config
+from pipeline.baselines import BASELINE_POOLING, combined_name, split_combined
+from pipeline.config import location_map_runs, run_settings, validate_config
 from pipeline.layout import Layout
 from pipeline.subjects import SID_PATTERN, Subject, read_manifest
 
@@ -41,8 +42,13 @@ FIGURES = os.path.join(config["results_dir"], "figures")
 # Per-subject stages with a cohort-level status table (work/qc/<stage>.tsv) that aggregate rules
 # depend on: lung (atlas) and patches (train, embed, evaluate, qc).
 TABLED_STAGES = ["lung", "patches"]
-BASELINE_POOLING = {"densitometry": "lung", "oracle": "truth"}
 BASELINES = [b for b in config["evaluate"]["baselines"] if b != "oracle" or TRUTH]
+# Runs with a per-location read-out map (report.location_map_runs; default: every run that trains).
+LOCMAP_RUNS = location_map_runs(config)
+# Baselines whose tables the `baseline` rule computes from the images (the oracle reads truth.tsv).
+IMAGE_BASELINES = [b for b in BASELINE_POOLING if b != "oracle"]
+# Baselines joined to every run's features ("densitometry+<run>": what the run adds to them).
+COMBINE_WITH = [b for b in config["evaluate"]["combine_with"] if b != "oracle" or TRUTH]
 
 
 def load_subjects():
@@ -65,8 +71,13 @@ def graph_enabled(run):
 
 # (run, pooling) feature sets: gnn pooling only for runs whose graph stage is enabled.
 FEATURE_SETS = [(run, pooling) for run in RUNS for pooling in POOLINGS if pooling != "gnn" or graph_enabled(run)]
-# Every evaluated feature set as (name, pooling): baselines first, then runs.
-EVALUATIONS = [(b, BASELINE_POOLING[b]) for b in BASELINES] + FEATURE_SETS
+# (baseline+run, pooling): each run's pooled features joined to a baseline's (pipeline.baselines.combined_name).
+COMBINED_SETS = [(combined_name(b, run), pooling) for b in COMBINE_WITH for run, pooling in FEATURE_SETS]
+# Every evaluated feature set as (name, pooling): baselines first, then runs, then the combined sets.
+EVALUATIONS = [(b, BASELINE_POOLING[b]) for b in BASELINES] + FEATURE_SETS + COMBINED_SETS
+# What the evaluate rule's {name} and {fpool} wildcards may be.
+EVALUATION_NAMES = [*BASELINE_POOLING, *RUNS, *dict.fromkeys(name for name, _ in COMBINED_SETS)]
+EVALUATION_POOLINGS = list(dict.fromkeys([*POOLINGS, *BASELINE_POOLING.values()]))
 
 
 wildcard_constraints:
@@ -82,6 +93,11 @@ def settings(section):
     changed (params are a rerun trigger).
     """
     return json.dumps(config[section])
+
+
+# The evaluate section as the folds and evaluate jobs see it: without the lists of which feature
+# sets exist, so that adding a baseline or a combined set does not rerun the folds and every evaluation.
+EVALUATE_SETTINGS = json.dumps({k: v for k, v in config["evaluate"].items() if k not in ("baselines", "combine_with")})
 
 
 def run_settings_json(wildcards):
@@ -127,9 +143,14 @@ def pool_inputs(wildcards):
 
 
 def evaluation_features(wildcards):
+    """The feature table(s) of one evaluation; a combined set lists the baseline's, then the run's."""
     if wildcards.name in BASELINE_POOLING:
-        return LAYOUT.baseline_features(wildcards.name)
-    return LAYOUT.features(wildcards.name, wildcards.fpool)
+        return [LAYOUT.baseline_features(wildcards.name)]
+    combined = split_combined(wildcards.name)
+    if combined:
+        baseline, run = combined
+        return [LAYOUT.baseline_features(baseline), LAYOUT.features(run, wildcards.fpool)]
+    return [LAYOUT.features(wildcards.name, wildcards.fpool)]
 
 
 def report_figures():
@@ -139,4 +160,5 @@ def report_figures():
     names += [f"confusion_{name}" for name, o in OUTCOMES.items() if o["kind"] == "ordinal"]
     if TRUTH:
         names.append("readout")
+    names += [f"locmap_{run}" for run in LOCMAP_RUNS]
     return {name: os.path.join(FIGURES, f"{name}.png") for name in names}

@@ -14,7 +14,7 @@ rule folds:
         LAYOUT.benchmark("folds")
     params:
         work=LAYOUT.work,
-        settings=settings("evaluate"),
+        settings=EVALUATE_SETTINGS,
     conda:
         "../../environment.yml"
     shell:
@@ -37,12 +37,12 @@ rule evaluate:
     benchmark:
         LAYOUT.benchmark("evaluate", "{name}_{fpool}")
     params:
-        settings=settings("evaluate"),
+        settings=EVALUATE_SETTINGS,
         truth=lambda w, input: f"--truth {input.truth[0]}" if input.truth else "",
         out_dir=lambda w: LAYOUT.eval_dir(w.name, w.fpool),
     wildcard_constraints:
-        name="|".join(re.escape(n) for n in [*BASELINE_POOLING, *RUNS]),
-        fpool="mean|gnn|lung|truth",
+        name="|".join(re.escape(n) for n in EVALUATION_NAMES),
+        fpool="|".join(re.escape(p) for p in EVALUATION_POOLINGS),
     threads: 2
     conda:
         "../../environment.yml"

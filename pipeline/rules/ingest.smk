@@ -1,4 +1,5 @@
-# Read each raw CT (DICOM series or NIfTI) as HU, reorient to canonical and resample to isotropic.
+# Read each raw CT (DICOM series or NIfTI) as HU, reorient to canonical and resample to isotropic;
+# optionally calibrate air (trachea) and blood (heart) HU (ingest.calibration, off by default).
 
 
 rule ingest:

@@ -1,4 +1,5 @@
-# Cut S^3 patches at the atlas grid locations mapped into each subject.
+# Cut S^3 patches at the atlas grid locations mapped into each subject (and, with
+# patches.lung_mask, the lung masks cut the same way, bit-packed, beside them).
 
 
 rule patches:
@@ -10,6 +11,7 @@ rule patches:
     output:
         patches=LAYOUT.patches("{sid}"),
         status=LAYOUT.status("patches", "{sid}"),
+        **({"mask": LAYOUT.patch_mask("{sid}")} if config["patches"]["lung_mask"] else {}),
     log:
         LAYOUT.logs("patches", "{sid}"),
     benchmark:
@@ -22,4 +24,4 @@ rule patches:
     shell:
         "copdssl patches --sid {wildcards.sid} --ct {input.ct:q} --lung {input.lung:q} --transform {input.transform:q}"
         " --grid {input.grid:q} --upstream {params.upstream_dir:q}/{wildcards.sid}.json --out {output.patches:q}"
-        " --status {output.status:q} --settings {params.settings:q} --log {log:q}"
+        " --status {output.status:q}" + (" --out-mask {output.mask:q}" if config["patches"]["lung_mask"] else "") + " --settings {params.settings:q} --log {log:q}"

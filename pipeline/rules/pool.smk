@@ -19,22 +19,24 @@ rule pool:
         " --work {params.work:q} --out {output:q} --log {log:q}"
 
 
-rule baseline_densitometry:
+rule baseline:
     input:
         subjects=LAYOUT.subjects(),
         patches=LAYOUT.stage_table("patches"),
     output:
-        LAYOUT.baseline_features("densitometry"),
+        LAYOUT.baseline_features("{baseline}"),
     log:
-        LAYOUT.logs("baseline", "densitometry"),
+        LAYOUT.logs("baseline", "{baseline}"),
     benchmark:
-        LAYOUT.benchmark("baseline", "densitometry")
+        LAYOUT.benchmark("baseline", "{baseline}")
     params:
         work=LAYOUT.work,
+    wildcard_constraints:
+        baseline="|".join(IMAGE_BASELINES),
     conda:
         "../../environment.yml"
     shell:
-        "copdssl baseline --name densitometry --subjects {input.subjects:q} --work {params.work:q}"
+        "copdssl baseline --name {wildcards.baseline} --subjects {input.subjects:q} --work {params.work:q}"
         " --out {output:q} --log {log:q}"
 
 

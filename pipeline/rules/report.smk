@@ -10,6 +10,8 @@ rule report:
         folds=LAYOUT.folds(),
         grid=LAYOUT.grid(),
         preview=rules.cohort_preview.output if SYNTHETIC else [],
+        location_maps=[LAYOUT.location_map(run) for run in LOCMAP_RUNS],
+        atlas=LAYOUT.atlas_mask() if LOCMAP_RUNS else [],
     output:
         html=LAYOUT.report(),
         **{
