@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import describe_machine
+from pipeline.config import deep_merge, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNGS_FILE = Path(__file__).resolve().parent / "science_rungs.yaml"
@@ -62,19 +63,26 @@ QUICK = {"synthetic": {"n_subjects": 24}, "train": {"steps_per_epoch": 4, "batch
          "evaluate": {"n_folds": 3, "repeats": 1, "inner_folds": 2}}
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.config import deep_merge as merge
-
-    return merge(base, override)
-
-
 def load_rungs(path: Path = RUNGS_FILE) -> dict[str, dict[str, Any]]:
     """The ladder: rung name -> definition (kind, teaches, train / baseline / preprocess ...)."""
     rungs = yaml.safe_load(path.read_text())
     for name, rung in rungs.items():
         if rung.get("kind") not in ("ssl", "baseline", "supervised"):
             raise ValueError(f"rung {name}: kind must be ssl, baseline or supervised, got {rung.get('kind')!r}")
+    for name in rungs:
+        rungs[name]["train"] = resolved_train(rungs, name)
     return rungs
+
+
+def resolved_train(rungs: dict[str, dict[str, Any]], name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A rung's ``train`` overrides with those of the rungs it ``extends`` underneath (deep-merged)."""
+    rung = rungs[name]
+    parent = rung.get("extends")
+    if parent is None:
+        return dict(rung.get("train") or {})
+    if parent not in rungs or parent in seen:
+        raise ValueError(f"rung {name}: extends {parent!r}, which is unknown or circular")
+    return deep_merge(resolved_train(rungs, parent, (*seen, name)), rung.get("train") or {})
 
 
 class Cohort:
@@ -99,11 +107,14 @@ class Cohort:
         name = self.work_name(preprocess)
         data = self.root / "data"
         config = deep_merge(self.base, preprocess or {})
-        return deep_merge(config, {
+        config = deep_merge(config, {
             "work_dir": str(self.root / name), "results_dir": str(self.root / f"results-{name}"),
             "cohort": {"source": "synthetic", "manifest": str(data / "subjects.tsv"),
-                       "phenotypes": str(data / "phenotypes.tsv"), "truth": str(data / "truth.tsv")},
-            "runs": runs or {"placeholder": {}}})
+                       "phenotypes": str(data / "phenotypes.tsv"), "truth": str(data / "truth.tsv")}})
+        config["runs"] = runs or {"placeholder": {}}
+        # Every key spelled out (schema defaults filled in): the workflow merges this over
+        # config/config.yaml, and the demo's settings must not leak into the benchmark.
+        return validate_config(config)
 
     def snakemake(self, config: dict[str, Any], targets: list[str], label: str) -> float:
         """Run the workflow for ``targets`` with ``config``; returns the wall time in seconds."""
@@ -167,7 +178,7 @@ def run_rung(cohort: Cohort, name: str, rung: dict[str, Any], seeds: list[int]) 
         from pipeline.config import run_settings
 
         record.update(seconds=round(seconds, 1), settings=rung.get("train", {}),
-                      resolved=run_settings(config_validated(config), next(iter(runs))), seeds={})
+                      resolved=run_settings(config, next(iter(runs))), seeds={})
         for seed, run in zip(seeds, runs):
             for pooling in poolings:
                 key = f"s{seed}" if pooling == "mean" else f"s{seed}/{pooling}"
@@ -182,15 +193,6 @@ def run_rung(cohort: Cohort, name: str, rung: dict[str, Any], seeds: list[int]) 
     return record
 
 
-def config_validated(config: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.config import validate_config
-
-    default = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    merged = deep_merge(default, config)
-    merged["runs"] = config["runs"]
-    return validate_config(merged)
-
-
 def _run_supervised(cohort: Cohort, name: str, rung: dict[str, Any], seeds: list[int],
                     preprocess: dict[str, Any] | None) -> dict[str, Any]:
     """Preprocessing and folds through Snakemake, then per seed the supervised bound and ``copdssl evaluate``."""
@@ -200,7 +202,7 @@ def _run_supervised(cohort: Cohort, name: str, rung: dict[str, Any], seeds: list
     work = Path(config["work_dir"])
     results = Path(config["results_dir"])
     seconds = cohort.snakemake(config, [str(work / "folds.tsv")], f"{name}-prep")
-    validated = config_validated(config)
+    validated = config
     settings = run_settings(validated, "supervised")
     steps = int(rung.get("steps", 600)) if not cohort.quick else 3
     evaluate = validated["evaluate"]
@@ -227,7 +229,7 @@ def summarise(record: dict[str, Any], column: str, suffix: str = "") -> tuple[fl
     import numpy as np
 
     cells = [values[column] for key, values in record["seeds"].items()
-             if column in values and key.endswith(suffix) and (suffix or "/" not in key)]
+             if column in values and "/" + key.partition("/")[2] == (suffix or "/")]
     if not cells:
         return None
     if record["kind"] == "baseline":
@@ -258,7 +260,7 @@ def assemble(results: Path) -> tuple[str, list]:
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(columns)]
     rows = rows_of(records)
     for label, record, suffix in rows:
-        n = len([k for k in record["seeds"] if k.endswith(suffix) and (suffix or "/" not in k)])
+        n = len([k for k in record["seeds"] if "/" + k.partition("/")[2] == (suffix or "/")])
         cells = []
         for column in columns:
             value = summarise(record, column, suffix)

@@ -196,3 +196,30 @@ def test_bad_clip_range_is_a_config_error(tmp_path, chest_grid):
                         grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
                         settings={"clip_hu": clip})
     assert not (tmp_path / "S.json").exists()
+
+
+def test_stage_writes_lung_masks_cut_like_the_patches(tmp_path, chest_grid):
+    from pipeline.patches import unpack_masks
+
+    chest, atlas, grid = chest_grid
+    _stage_inputs(tmp_path, chest, atlas, grid)
+    status = run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
+                         grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
+                         upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
+                         lung_path=tmp_path / "lung.nii.gz", mask_out=tmp_path / "S_mask.npy",
+                         settings={"clip_hu": [-1024, 240]})
+    assert status["status"] == "ok"
+    size = int(grid["patch_size"])
+    packed = np.load(tmp_path / "S_mask.npy")
+    assert packed.dtype == np.uint8 and packed.shape == (len(grid["corners"]), size, size, (size + 7) // 8)
+    masks = unpack_masks(packed, size)
+    # each mask is the lung labels' crop at the patch's corner in the subject (identity transform)
+    labels = sitk.GetArrayFromImage(chest.labels) > 0
+    corners = patch_corners(grid["centers_mm"], sitk.AffineTransform(3), chest.ct, size)
+    for p, (z, y, x) in enumerate(corners):
+        np.testing.assert_array_equal(masks[p], labels[z:z + size, y:y + size, x:x + size])
+    assert 0 < masks.mean() < 1 and abs(masks.mean() - status["lung_fraction"]) < 1e-6
+    with pytest.raises(Exception, match="--out-mask needs --lung"):
+        run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
+                    grid_path=tmp_path / "grid.npz", out=tmp_path / "S2.npy", status_path=tmp_path / "S2.json",
+                    mask_out=tmp_path / "S2_mask.npy")

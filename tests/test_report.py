@@ -79,7 +79,7 @@ def full_results(cohort, with_truth=True):
 def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
     cohort = make_eval_cohort(tmp_path, n_subjects=20)
     full_results(cohort)
-    config = eval_config()
+    config = eval_config(cohort={"source": "synthetic"})
     out = tmp_path / "results" / "report.html"
     rc = main(["report", "--settings", json.dumps(config), "--work", str(cohort.layout.work),
                "--results", str(cohort.layout.results), "--out", str(out)])
@@ -88,6 +88,9 @@ def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
     checker = parse(text)
     assert not checker.errors and not checker.stack  # well-formed
     assert text.startswith("<!DOCTYPE html>") and "<title>test report &lt;copdssl&gt;</title>" in text
+    # a synthetic-cohort report says what its short training can and cannot show, and where the full measurement is
+    assert "embedded synthetic cohort" in text and f"training: {config['train']['epochs']} epoch(s)" in text
+    assert "docs/science.md" in text
 
     # rows in the IFM table order, with their kinds; method and epsilon from the run settings
     keys = [key for key, _ in checker.rows]
@@ -148,6 +151,7 @@ def test_report_without_truth_gnn_qc_or_history_still_renders(tmp_path):
     write_results(cohort.layout, "moco", "mean", MEANS, sids=cohort.ok_sids, repeats=1)
     out = tmp_path / "report.html"
     build_report(config, cohort.layout, out)
+    assert "docs/science.md" not in out.read_text()  # real data: no synthetic-cohort caveat
     text = out.read_text()
     checker = parse(text)
     assert not checker.errors and not checker.stack
