@@ -202,10 +202,9 @@ def _run_supervised(cohort: Cohort, name: str, rung: dict[str, Any], seeds: list
     work = Path(config["work_dir"])
     results = Path(config["results_dir"])
     seconds = cohort.snakemake(config, [str(work / "folds.tsv")], f"{name}-prep")
-    validated = config
-    settings = run_settings(validated, "supervised")
+    settings = run_settings(config, "supervised")
     steps = int(rung.get("steps", 600)) if not cohort.quick else 3
-    evaluate = validated["evaluate"]
+    evaluate = config["evaluate"]
     out: dict[str, Any] = {"settings": rung.get("train", {}), "steps": steps, "seeds": {}}
     started = time.perf_counter()
     for seed in seeds:

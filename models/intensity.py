@@ -22,7 +22,7 @@ Shapes: stored patches ``[B, S, S, S]`` int16, masks ``[B, S, S, S]`` uint8, wor
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,8 +112,3 @@ class PatchInput:
     def __call__(self, patches: Tensor, masks: Tensor | None = None) -> Tensor:
         """Stored patches (and masks) -> network input ``[B, C, S, S, S]`` without augmentation."""
         return self.to_channels(self.working_units(patches, masks))
-
-
-def windows_of(settings: Mapping[str, Any]) -> Sequence[Sequence[float]]:
-    """The windows of a resolved run's settings (what the encoder's input channels are)."""
-    return settings["input"]["windows"]

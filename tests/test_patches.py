@@ -125,14 +125,18 @@ def _stage_inputs(tmp_path, chest, atlas, grid):
         (tmp_path / f"{stage}.json").write_text(json.dumps({"sid": "S", "stage": stage, "status": "ok"}))
 
 
+def _run_stage(tmp_path, name="S", **options):
+    """The patches stage on the ``_stage_inputs`` files, writing ``{name}.npy`` and ``{name}.json``."""
+    return run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
+                       grid_path=tmp_path / "grid.npz", out=tmp_path / f"{name}.npy",
+                       status_path=tmp_path / f"{name}.json", **options)
+
+
 def test_stage_writes_a_memory_mappable_array_and_qc(tmp_path, chest_grid):
     chest, atlas, grid = chest_grid
     _stage_inputs(tmp_path, chest, atlas, grid)
-    status = run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
-                         grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
-                         upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
-                         lung_path=tmp_path / "lung.nii.gz",
-                         settings={"clip_hu": [-1024, 240]})
+    status = _run_stage(tmp_path, upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
+                        lung_path=tmp_path / "lung.nii.gz", settings={"clip_hu": [-1024, 240]})
     assert status["status"] == "ok" and status["n_patches"] == len(grid["corners"])
     assert status["padded_fraction"] == 0.0 and status["lung_fraction"] >= 0.25
     stored = np.load(tmp_path / "S.npy", mmap_mode="r")
@@ -203,11 +207,9 @@ def test_stage_writes_lung_masks_cut_like_the_patches(tmp_path, chest_grid):
 
     chest, atlas, grid = chest_grid
     _stage_inputs(tmp_path, chest, atlas, grid)
-    status = run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
-                         grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
-                         upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
-                         lung_path=tmp_path / "lung.nii.gz", mask_out=tmp_path / "S_mask.npy",
-                         settings={"clip_hu": [-1024, 240]})
+    status = _run_stage(tmp_path, upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
+                        lung_path=tmp_path / "lung.nii.gz", mask_out=tmp_path / "S_mask.npy",
+                        settings={"clip_hu": [-1024, 240]})
     assert status["status"] == "ok"
     size = int(grid["patch_size"])
     packed = np.load(tmp_path / "S_mask.npy")
@@ -220,6 +222,4 @@ def test_stage_writes_lung_masks_cut_like_the_patches(tmp_path, chest_grid):
         np.testing.assert_array_equal(masks[p], labels[z:z + size, y:y + size, x:x + size])
     assert 0 < masks.mean() < 1 and abs(masks.mean() - status["lung_fraction"]) < 1e-6
     with pytest.raises(Exception, match="--out-mask needs --lung"):
-        run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
-                    grid_path=tmp_path / "grid.npz", out=tmp_path / "S2.npy", status_path=tmp_path / "S2.json",
-                    mask_out=tmp_path / "S2_mask.npy")
+        _run_stage(tmp_path, name="S2", mask_out=tmp_path / "S2_mask.npy")
