@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {
             "ingest": {"spacing_mm": args.spacing, "spacing_tolerance": 0.05, "min_slices": 16},
             "lung": {"threshold_hu": -400.0, "min_lung_volume_ml": 500.0},
-            "register": {"min_dice": 0.85, "iterations": 200, "shrink_factors": [4, 2, 1]},
+            "register": {"iterations": 200, "shrink_factors": [4, 2, 1]},
             "patches": {"clip_hu": [-1024, 240]},
         }
         status = {stage: str(w / "qc" / stage / f"{sid}.json") for stage in settings}

@@ -58,8 +58,8 @@ LATENT = ("cle", "pse", "awt")
 NUISANCE = ("density_shift_hu", "noise_hu", "kernel=smooth", "calibration_hu", "lung_height_mm", "scale",
             "rot_z_deg")
 OUTCOMES = ("logFEV1pp", "logFEV1FVC")
-QUICK = {"synthetic": {"n_subjects": 24}, "train": {"steps_per_epoch": 4, "batch_size": 8,
-                                                      "moco": {"queue_size": 16}},
+QUICK = {"synthetic": {"n_subjects": 16}, "atlas": {"build_subjects": 6, "rounds": 1},
+         "train": {"steps_per_epoch": 4, "batch_size": 8, "moco": {"queue_size": 16}},
          "evaluate": {"n_folds": 3, "repeats": 1, "inner_folds": 2}}
 
 

@@ -1,8 +1,18 @@
 """Stage ``atlas`` (runs once): atlas lung mask, patch grid and patch adjacency graph.
 
-The atlas is the lung mask of the cohort's *median-lung-volume* subject among those whose lung
-stage is ok, cropped to the lung bounding box plus a margin of ``max(S, T)`` voxels (zeros are
-padded where the margin leaves the subject's volume). The patch grid lives in atlas space:
+The atlas is built from a deterministic sample of ``atlas.build_subjects`` subjects
+(:func:`pipeline.template.atlas_sample`, by a hash of the subject IDs; the workflow passes it, so
+the atlas depends on these subjects only), among those whose lung stage is ok:
+
+- ``method: groupwise`` (default): their mean lung shape by iterative groupwise affine
+  registration (:func:`pipeline.template.groupwise_template`);
+- ``method: median_volume``: the lung mask of the sample's median-lung-volume subject.
+
+Either way it is cropped to the lung bounding box plus a margin of ``max(S, T)`` voxels (zeros are
+padded where the margin leaves the volume). With ``atlas.reference`` (a directory holding
+``atlas_lung.nii.gz`` and ``grid.npz``, or a bundle with them under ``atlas/``) the stage copies
+that atlas and grid instead, and depends on nothing from the cohort. The patch grid lives in atlas
+space:
 
 - a lattice of patch corners with step ``T`` that is centred on the lung bounding box and
   covers it, kept where the fraction of the ``S³`` patch inside the atlas lung is at least
@@ -28,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, CopdsslError
+from pipeline.layout import ATLAS_MASK_NAME, GRID_NAME
 
 log = logging.getLogger(__name__)
 
@@ -265,78 +276,153 @@ def load_grid(path) -> dict[str, np.ndarray]:
 # ---- stage ---------------------------------------------------------------------------------
 
 
-def cohort_lung_volumes(subjects_tsv, work) -> dict[str, float]:
-    """Total lung volume (L) of every subject whose lung stage is ok.
+def reference_files(reference) -> tuple[Path, Path]:
+    """The atlas mask and grid of ``atlas.reference``: a directory with them, or a bundle's ``atlas/``.
 
-    Reads ``work/subjects.tsv`` and each subject's lung status and densitometry through
-    :class:`pipeline.layout.Layout`.
+    Raises:
+        ConfigError: when neither layout holds both files.
     """
-    from pipeline.files import read_json
+    root = Path(reference)
+    for folder in (root, root / "atlas"):
+        mask, grid = folder / ATLAS_MASK_NAME, folder / GRID_NAME
+        if mask.is_file() and grid.is_file():
+            return mask, grid
+    raise ConfigError(f"config key 'atlas.reference': {reference} holds no {ATLAS_MASK_NAME} and {GRID_NAME} "
+                      "(directly or under atlas/)")
+
+
+def check_reference_grid(grid: dict[str, np.ndarray], spec: GridSpec, source) -> None:
+    """A supplied grid must have the configured patch size and step (one-line ``ConfigError`` if not)."""
+    for key, wanted in (("patch_size", spec.patch_size), ("step", spec.step)):
+        if int(grid[key]) != wanted:
+            raise ConfigError(f"config key 'atlas.{key}': {wanted} differs from the reference grid {source} "
+                              f"({key} {int(grid[key])})")
+
+
+def sample_labels(sids: list[str], work) -> dict[str, Any]:
+    """Lung label images of the sample subjects whose lung stage is ok (sid -> SimpleITK image)."""
+    from pipeline.ct_io import read_volume
     from pipeline.layout import Layout
     from pipeline.logs import progress
-    from pipeline.manifest import read_subjects
+    from pipeline.lung import check_canonical
     from pipeline.status import passed_subjects
 
     layout = Layout(work=Path(work))
-    ok = passed_subjects(layout, [s.sid for s in read_subjects(subjects_tsv)], "lung", missing="skip")
-    return {sid: float(read_json(layout.density(sid))["total"]["volume_l"])
-            for sid in progress(ok, desc="atlas: lung volumes", unit="subject")}
+    ok = passed_subjects(layout, sids, "lung", missing="skip")
+    if len(ok) < len(sids):
+        log.warning("atlas: %d of the %d sample subjects have no ok lung stage and are left out: %s",
+                    len(sids) - len(ok), len(sids), ", ".join(s for s in sids if s not in ok))
+    labels = {}
+    for sid in progress(ok, desc="atlas: reading the sample", unit="subject"):
+        labels[sid] = read_volume(layout.lung(sid), sid, STAGE)
+        check_canonical(labels[sid], sid, STAGE)
+    return labels
 
 
-def run_atlas(*, subjects_tsv, work, out_atlas, out_grid, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build and write the atlas lung mask and ``grid.npz``.
+def build_atlas(labels: dict[str, Any], settings: dict[str, Any], spec: GridSpec) -> tuple[Any, dict[str, Any]]:
+    """The cropped atlas label image of a sample and a summary (method, sample, per-method details)."""
+    import SimpleITK as sitk
+
+    from pipeline.logs import progress
+    from pipeline.template import groupwise_template
+
+    sids = list(labels)
+    summary: dict[str, Any] = {"method": settings["method"], "sample": sids}
+    if settings["method"] == "median_volume":
+        volumes = {sid: float(np.count_nonzero(sitk.GetArrayViewFromImage(image))) for sid, image in labels.items()}
+        sid = choose_atlas_subject(volumes)
+        summary["atlas_sid"] = sid
+        return crop_atlas(labels[sid], spec.margin), summary
+    template, info = groupwise_template([labels[s] for s in sids], rounds=settings["rounds"], margin=spec.margin,
+                                        register_settings=settings["register"], progress=progress)
+    summary.update(start_sid=sids[info["start"]], soft_dice=info["soft_dice"], mean_scale=info["mean_scale"])
+    return template, summary
+
+
+def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str, Any] | None = None,
+              register_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build (or copy from ``atlas.reference``) and write the atlas lung mask and ``grid.npz``.
 
     Args:
+        sids: the atlas sample (:func:`pipeline.template.atlas_sample`); unused with a reference.
         settings: the config's ``atlas`` section.
+        register_settings: the ``register`` section or part of it (the groupwise registrations use
+            its :data:`pipeline.register.FIT_KEYS`).
 
     Returns:
-        summary: atlas subject, its volume, number of patches and edges.
+        summary: method, sample, number of patches and edges.
 
     Raises:
-        CopdsslError: when no subject passed the lung stage.
+        CopdsslError: when no sample subject passed the lung stage, or the grid is empty.
     """
-    from pipeline.ct_io import read_volume, write_volume
-    from pipeline.files import write_npz
-    from pipeline.layout import Layout
-    from pipeline.lung import check_canonical
+    import shutil
 
-    settings = dict(settings or {})
-    method = settings.get("method", "median_volume")
-    if method != "median_volume":
-        raise ConfigError(f"config key 'atlas.method': {method!r} is not 'median_volume'")
+    from pipeline.config import validate_section
+    from pipeline.ct_io import read_volume, write_volume
+    from pipeline.files import atomic_path, write_npz
+    from pipeline.register import FIT_KEYS
+
+    settings = validate_section("atlas", settings)
+    register = validate_section("register", register_settings)
     try:
         spec = GridSpec.from_settings(settings)
     except ValueError as error:
         raise ConfigError(f"config key 'atlas.{str(error).split()[0]}': {error}") from None
-    volumes = cohort_lung_volumes(subjects_tsv, work)
-    if not volumes:
-        raise CopdsslError(f"atlas: no subject in {subjects_tsv} has an ok lung status; cannot build the atlas")
-    sid = choose_atlas_subject(volumes)
-    labels = read_volume(Layout(work=Path(work)).lung(sid), sid, STAGE)
-    check_canonical(labels, sid, STAGE)
-    atlas = crop_atlas(labels, spec.margin)
+    if settings["reference"]:
+        mask_path, grid_path = reference_files(settings["reference"])
+        grid = load_grid(grid_path)
+        check_reference_grid(grid, spec, grid_path)
+        read_volume(mask_path, None, STAGE)  # readable as a volume: a truncated file fails here with its path
+        for source, target in ((mask_path, out_atlas), (grid_path, out_grid)):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+        summary = {"method": "reference", "reference": str(settings["reference"]),
+                   "patches": int(len(grid["corners"])), "edges": int(grid["edges"].shape[1])}
+        log.info("atlas: copied %s and %s (%d patches)", mask_path, grid_path, summary["patches"])
+        return summary
+    labels = sample_labels(list(sids), work)
+    if not labels:
+        raise CopdsslError(f"atlas: none of the {len(sids)} sample subjects has an ok lung status; cannot build "
+                           "the atlas (raise atlas.build_subjects or fix the lung stage)")
+    atlas, summary = build_atlas(labels, {**settings, "register": {key: register[key] for key in FIT_KEYS}}, spec)
     grid = build_grid(atlas, spec)
     if len(grid["corners"]) == 0:
-        raise CopdsslError(f"atlas: no patch of the atlas ({sid}) has a lung fraction ≥ {spec.min_lung_fraction}")
+        raise CopdsslError(f"atlas: no patch of the atlas has a lung fraction ≥ {spec.min_lung_fraction}")
     write_volume(atlas, out_atlas)
     write_npz(out_grid, **grid)
-    summary = {"atlas_sid": sid, "volume_l": round(volumes[sid], 4), "n_subjects": len(volumes),
-               "patches": int(len(grid["corners"])), "edges": int(grid["edges"].shape[1])}
-    log.info("atlas: subject %s (%.2f L, median of %d subjects), %d patches of %d³ voxels, %d directed edges",
-             sid, volumes[sid], len(volumes), summary["patches"], spec.patch_size, summary["edges"])
+    summary.update(patches=int(len(grid["corners"])), edges=int(grid["edges"].shape[1]))
+    log.info("atlas: %s of %d sample subjects, %d patches of %d³ voxels, %d directed edges", settings["method"],
+             len(labels), summary["patches"], spec.patch_size, summary["edges"])
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subjects", required=True, help="screened subjects (work/subjects.tsv)")
-    parser.add_argument("--work", required=True, help="work directory (statuses, lung masks, densitometry)")
+    parser.add_argument("--sids", nargs="*", default=None,
+                        help="the atlas sample (default: pipeline.template.atlas_sample of --subjects)")
+    parser.add_argument("--subjects", help="screened subjects (work/subjects.tsv), to draw the sample by hand")
+    parser.add_argument("--work", required=True, help="work directory (statuses, lung masks)")
+    parser.add_argument("--register-settings", help="the register section as JSON (used by Snakemake)")
     parser.add_argument("--out-atlas", required=True, help="atlas lung labels to write (work/atlas/atlas_lung.nii.gz)")
     parser.add_argument("--out-grid", required=True, help="patch grid to write (work/atlas/grid.npz)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import stage_settings
+    import json
 
-    run_atlas(subjects_tsv=args.subjects, work=args.work, out_atlas=args.out_atlas, out_grid=args.out_grid,
-              settings=stage_settings(args, "atlas"))
+    from pipeline.cli import full_config, stage_settings
+    from pipeline.template import atlas_sample
+
+    settings = stage_settings(args, "atlas")
+    register = json.loads(args.register_settings) if args.register_settings else \
+        (None if args.settings else full_config(args)["register"])
+    sids = args.sids
+    if sids is None:
+        if not args.subjects and not settings["reference"]:
+            raise ConfigError("atlas: give the sample (--sids) or the subjects table to draw it from (--subjects)")
+        from pipeline.manifest import read_subjects
+
+        sids = atlas_sample([s.sid for s in read_subjects(args.subjects)], settings["build_subjects"]) \
+            if args.subjects else []
+    run_atlas(sids=sids, work=args.work, out_atlas=args.out_atlas, out_grid=args.out_grid, settings=settings,
+              register_settings=register)
     return 0

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "atlas": ("pipeline.atlas", "build the atlas lung mask, patch grid and adjacency graph", "atlas"),
     "register": ("pipeline.register", "affinely register the atlas lung mask to a subject", "register"),
     "patches": ("pipeline.patches", "cut patches at the atlas grid locations", "patches"),
-    "qc": ("pipeline.qc", "collect per-subject statuses into the QC table", None),
+    "qc": ("pipeline.qc", "collect per-subject statuses into the QC table", "register"),
     "train": ("models.train_cli", "train a context-aware MoCo-v2/IFM patch encoder (one run)", "train"),
     "train-graph": ("models.graph_train", "train the graph-level MoCo stage on frozen patch embeddings", "train"),
     "embed": ("models.embed", "embed every patch of every subject with a trained encoder", "embed"),
@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "evaluate": ("pipeline.evaluate", "cross-validated outcome heads on one feature table", "evaluate"),
     "locmap": ("pipeline.locmap", "per-location read-out map: R² of each target from each atlas location", "evaluate"),
     "report": ("pipeline.report", "write the HTML outcome report", None),
+    "export": ("pipeline.bundle", "write a trained run as a bundle (safetensors, atlas, preprocessing.json, model card)",
+               None),
+    "apply": ("pipeline.apply", "embed new scans with a bundle: preprocess, embed, pool, QC (no training)", None),
 }
 
 

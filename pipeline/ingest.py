@@ -171,17 +171,22 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
     return qc
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import stage_settings
+def run_ingest(*, sid: str, image, fmt: str, out, status_path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``ingest`` stage for one subject: the CT to ``out``, its status (QC or failure) to ``status_path``.
+
+    Args:
+        settings: the config's ``ingest`` section.
+    """
     from pipeline.status import run_subject_stage
 
-    settings = stage_settings(args, "ingest")
     options = {key: settings[key] for key in ("spacing_mm", "spacing_tolerance", "min_slices", "calibration")}
-    run_subject_stage(
-        sid=args.sid,
-        stage=STAGE,
-        status_path=args.status,
-        outputs=[args.out],
-        work=lambda: ingest_subject(args.sid, args.image, args.format, args.out, **options),
-    )
+    return run_subject_stage(sid=sid, stage=STAGE, status_path=status_path, outputs=[out],
+                             work=lambda: ingest_subject(sid, image, fmt, out, **options))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.cli import stage_settings
+
+    run_ingest(sid=args.sid, image=args.image, fmt=args.format, out=args.out, status_path=args.status,
+               settings=stage_settings(args, "ingest"))
     return 0

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The atlas's two files, also the names in an atlas.reference directory and in a bundle's atlas/.
+ATLAS_MASK_NAME = "atlas_lung.nii.gz"
+GRID_NAME = "grid.npz"
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -64,11 +68,11 @@ class Layout:
         return self.work / "density" / f"{sid}.json"
 
     def atlas_mask(self) -> Path:
-        return self.work / "atlas" / "atlas_lung.nii.gz"
+        return self.work / "atlas" / ATLAS_MASK_NAME
 
     def grid(self) -> Path:
         """Patch grid in atlas space: corners, normalised locations, adjacency edges/weights."""
-        return self.work / "atlas" / "grid.npz"
+        return self.work / "atlas" / GRID_NAME
 
     def transform(self, sid: str) -> Path:
         """Affine transform (SimpleITK .tfm) mapping atlas physical points to subject points."""

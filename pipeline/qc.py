@@ -1,8 +1,14 @@
 """Stage ``qc``: one row per subject with its overall status and, when it failed, where and why.
 
 Rows come from the manifest rejections (status ``rejected``) and from the per-stage status
-JSONs of every accepted subject (status ``ok`` or ``failed``). Scalar QC metrics recorded by the
-stages (Dice, lung volume, HU percentiles, ...) are added as ``<stage>_<metric>`` columns.
+JSONs of every accepted subject. Scalar QC metrics recorded by the stages (Dice, lung volume,
+HU percentiles, ...) are added as ``<stage>_<metric>`` columns. The status is graded:
+
+- ``ok``: every stage passed;
+- ``flagged``: every stage passed and the subject is **kept**, but a stage flagged it
+  (``flag_reason``): its registration Dice is below ``register.flag_dice``, or below the cohort's
+  median − ``register.flag_mad`` · MAD (:func:`flag_cohort_outliers`);
+- ``failed`` / ``incomplete`` / ``rejected``: the subject is not used (``failed_stage``, ``reason``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from pipeline.subjects import Rejection
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "lung", "register", "patches")
-_STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason"}
+FLAGGED = "flagged"
+_STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason", "flagged", "flag_reason"}
+# The MAD of a normal sample times this estimates its standard deviation.
+MAD_TO_SD = 1.4826
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
     """Overall QC row of one subject from its per-stage status files (missing = not run)."""
-    row: dict[str, Any] = {"sid": sid, "status": OK, "failed_stage": "", "reason": ""}
+    row: dict[str, Any] = {"sid": sid, "status": OK, "failed_stage": "", "reason": "", "flag_reason": ""}
     for stage in stages:
         path = layout.status(stage, sid)
         if not path.exists():
@@ -47,9 +56,39 @@ def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
                 row[f"{stage}_{key}"] = value
         if status.get("status") != OK:
             row.update(status="failed", failed_stage=status.get("failed_stage") or stage,
-                       reason=status.get("reason", ""))
+                       reason=status.get("reason", ""), flag_reason="")
             break
+        if status.get("flag_reason"):
+            row.update(status=FLAGGED, flag_reason="; ".join(filter(None, [row["flag_reason"], status["flag_reason"]])))
     return row
+
+
+def flag_cohort_outliers(rows: list[dict[str, Any]], column: str, k: float, label: str) -> list[str]:
+    """Flag kept subjects whose ``column`` is below the cohort's median − ``k`` · MAD (in place).
+
+    The MAD is scaled to a standard deviation (× 1.4826) and computed over the subjects that are
+    ``ok`` or ``flagged``; with fewer than 5 of them nothing is flagged.
+
+    Returns:
+        the sids newly flagged.
+    """
+    import numpy as np
+
+    kept = [row for row in rows if row["status"] in (OK, FLAGGED) and isinstance(row.get(column), (int, float))]
+    if len(kept) < 5:
+        return []
+    values = np.array([float(row[column]) for row in kept])
+    median = float(np.median(values))
+    mad = MAD_TO_SD * float(np.median(np.abs(values - median)))
+    limit = median - k * mad
+    flagged = []
+    for row in kept:
+        if float(row[column]) < limit:
+            reason = (f"{label} {float(row[column]):.3f} is an outlier of the cohort: below its median {median:.3f} "
+                      f"- {k:g} MAD ({limit:.3f})")
+            row.update(status=FLAGGED, flag_reason="; ".join(filter(None, [row.get("flag_reason", ""), reason])))
+            flagged.append(row["sid"])
+    return flagged
 
 
 def stage_rows(subjects: list[str], stage: str, layout: Layout) -> list[dict[str, Any]]:
@@ -62,14 +101,22 @@ def stage_rows(subjects: list[str], stage: str, layout: Layout) -> list[dict[str
     return rows
 
 
-def qc_rows(subjects: list[str], rejects: list[Rejection], layout: Layout) -> list[dict[str, Any]]:
-    rows = [{"sid": r.sid, "status": "rejected", "failed_stage": "manifest", "reason": r.reason} for r in rejects]
+def qc_rows(subjects: list[str], rejects: list[Rejection], layout: Layout,
+            flag_mad: float = 3.0) -> list[dict[str, Any]]:
+    """The QC table's rows: rejections, then one graded row per accepted subject.
+
+    Args:
+        flag_mad: ``register.flag_mad``, for :func:`flag_cohort_outliers` on the registration Dice.
+    """
+    rows = [{"sid": r.sid, "status": "rejected", "failed_stage": "manifest", "reason": r.reason, "flag_reason": ""}
+            for r in rejects]
     rows += [subject_row(sid, layout) for sid in subjects]
+    flag_cohort_outliers(rows, "register_dice", flag_mad, "registration Dice")
     return rows
 
 
 def to_tsv(rows: list[dict[str, Any]]) -> str:
-    columns = ["sid", "status", "failed_stage", "reason"]
+    columns = ["sid", "status", "failed_stage", "reason", "flag_reason"]
     for row in rows:
         columns += [key for key in row if key not in columns]
     buffer = io.StringIO()
@@ -80,6 +127,7 @@ def to_tsv(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.cli import stage_settings
     from pipeline.manifest import read_rejections, read_subjects
 
     layout = Layout(work=args.work)
@@ -88,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         rows = stage_rows(subjects, args.stage, layout)
     else:
         rejects = read_rejections(args.rejects) if args.rejects else []
-        rows = qc_rows(subjects, rejects, layout)
+        rows = qc_rows(subjects, rejects, layout, flag_mad=stage_settings(args, "register")["flag_mad"])
     write_text(args.out, to_tsv(rows))
     counts: dict[str, int] = {}
     for row in rows:

@@ -1,4 +1,4 @@
-"""Atlas: median-volume subject, crop, patch grid, lung fractions and the adjacency graph."""
+"""Atlas stage: sample, median-volume or groupwise atlas, supplied reference, crop, patch grid and adjacency graph."""
 
 from __future__ import annotations
 
@@ -143,74 +143,115 @@ def test_adult_lung_at_1mm_gives_a_few_hundred_connected_patches():
     assert np.unique(edges[0]).size == P
 
 
-def _stage_inputs(tmp_path, volumes: dict[str, float], failed: set[str]):
-    """A work directory with subjects.tsv, lung statuses, densitometry and lung masks."""
+def _stage_inputs(tmp_path, depths: dict[str, int], failed: set[str]):
+    """A work directory with subjects.tsv, lung statuses and box-shaped lung masks.
+
+    ``depths``: sid -> the lungs' extent along z in voxels (so the volumes are ordered like it).
+    """
     from pipeline.ct_io import write_volume
     from pipeline.layout import Layout
 
     layout = Layout(work=tmp_path / "work")
     rows = ["sid\timage\tformat"]
-    for sid, volume in volumes.items():
+    for sid, depth in depths.items():
         rows.append(f"{sid}\timages/{sid}.nii.gz\tnifti")
         status = {"sid": sid, "stage": "lung", "status": "failed" if sid in failed else "ok"}
         layout.status("lung", sid).parent.mkdir(parents=True, exist_ok=True)
         layout.status("lung", sid).write_text(json.dumps(status))
-        layout.density(sid).parent.mkdir(parents=True, exist_ok=True)
-        layout.density(sid).write_text(json.dumps({"total": {"volume_l": volume}}))
-        array = np.zeros((30, 30, 30), np.uint8)
-        array[8:20, 6:24, 5:14] = 1
-        array[8:20, 6:24, 16:25] = 2
+        array = np.zeros((40, 30, 30), np.uint8)
+        array[6:6 + depth, 6:24, 5:14] = 1
+        array[6:6 + depth, 6:24, 16:25] = 2
         write_volume(_labels(array), layout.lung(sid))
     layout.subjects().write_text("\n".join(rows) + "\n")
     return layout
 
 
-def test_stage_uses_the_median_subject_among_ok_ones(tmp_path):
-    # c (4.0 L) would be the median of all five, but it failed its lung stage
-    volumes = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 5.0, "e": 6.0}
-    layout = _stage_inputs(tmp_path, volumes, failed={"c"})
-    summary = run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
-                        out_grid=layout.grid(), settings={"patch_size": 4, "step": 3, "min_lung_fraction": 0.25,
-                                                          "adjacency_cutoff": 0.13})
-    # ok volumes 2, 3, 5, 6 -> median 4; b and d are equally close -> b (sort order)
-    assert summary["atlas_sid"] == "b" and summary["n_subjects"] == 4
-    atlas = sitk.ReadImage(str(layout.atlas_mask()))
-    array = sitk.GetArrayFromImage(atlas)
-    assert array.shape == (12 + 8, 18 + 8, 20 + 8)  # lung box plus a margin of S = 4 voxels
+SMALL_GRID = {"patch_size": 4, "step": 3, "min_lung_fraction": 0.25, "adjacency_cutoff": 0.13}
+
+
+def _run(layout, sids, **settings):
+    return run_atlas(sids=sids, work=layout.work, out_atlas=layout.atlas_mask(), out_grid=layout.grid(),
+                     settings={**SMALL_GRID, **settings})
+
+
+def test_median_volume_takes_the_median_of_the_sample_subjects_whose_lungs_are_ok(tmp_path):
+    # c would be the median of all five, but it failed its lung stage
+    layout = _stage_inputs(tmp_path, {"a": 8, "b": 10, "c": 12, "d": 14, "e": 16}, failed={"c"})
+    summary = _run(layout, ["a", "b", "c", "d", "e"], method="median_volume")
+    # ok depths 8, 10, 14, 16 -> median 12; b and d are equally close -> b (sort order)
+    assert summary["atlas_sid"] == "b" and summary["sample"] == ["a", "b", "d", "e"]
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.atlas_mask())))
+    assert array.shape == (10 + 8, 18 + 8, 20 + 8)  # lung box plus a margin of S = 4 voxels
     assert set(np.unique(array)) == {0, 1, 2}
     grid = load_grid(layout.grid())
     assert set(grid) == set(GRID_KEYS)
     assert len(grid["corners"]) == summary["patches"] > 0
 
 
-def test_stage_without_ok_subjects_stops(tmp_path):
-    layout = _stage_inputs(tmp_path, {"a": 2.0}, failed={"a"})
-    with pytest.raises(CopdsslError, match="no subject"):
-        run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
-                  out_grid=layout.grid(), settings={})
+def test_groupwise_atlas_of_boxes_is_their_mean_shape(tmp_path):
+    """Boxes 8..16 voxels deep, all else equal: the unbiased mean shape is 12 deep, whichever box starts it."""
+    layout = _stage_inputs(tmp_path, {"a": 8, "b": 10, "c": 12, "d": 14, "e": 16}, failed=set())
+    summary = _run(layout, ["e", "a", "d", "b", "c"], rounds=2)
+    assert summary["method"] == "groupwise" and summary["start_sid"] == "c"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.atlas_mask())))
+    depth = np.flatnonzero(array.any(axis=(1, 2)))
+    assert abs(depth.size - 12) <= 1, depth.size
+    right, left = np.argwhere(array == 1), np.argwhere(array == 2)
+    assert right[:, 2].max() < left[:, 2].min()  # right lung (label 1) at low x, as in every subject
+
+
+def test_stage_without_ok_sample_subjects_stops(tmp_path):
+    layout = _stage_inputs(tmp_path, {"a": 8, "b": 8}, failed={"a"})
+    with pytest.raises(CopdsslError, match="none of the 1 sample subjects"):
+        _run(layout, ["a"])
     assert not layout.grid().exists()
 
 
-def test_cli_builds_the_atlas(tmp_path):
+def test_cli_draws_the_sample_from_the_subjects_table(tmp_path):
     from pipeline.cli import main
+    from pipeline.template import atlas_sample
 
-    layout = _stage_inputs(tmp_path, {"a": 2.0, "b": 3.0, "c": 4.0}, failed=set())
+    layout = _stage_inputs(tmp_path, {"a": 8, "b": 10, "c": 12}, failed=set())
     code = main(["atlas", "--subjects", str(layout.subjects()), "--work", str(layout.work),
                  "--out-atlas", str(layout.atlas_mask()), "--out-grid", str(layout.grid()),
                  "--log", str(tmp_path / "atlas.log"),
-                 "--settings", json.dumps({"patch_size": 6, "step": 5, "min_lung_fraction": 0.25,
-                                           "adjacency_cutoff": 0.13})])
+                 "--settings", json.dumps({"patch_size": 6, "step": 5, "build_subjects": 2, "rounds": 1,
+                                           "method": "median_volume"})])
     assert code == 0
-    assert "atlas: subject b" in (tmp_path / "atlas.log").read_text()
+    sample = atlas_sample(["a", "b", "c"], 2)
+    assert f"median_volume of {len(sample)} sample subjects" in (tmp_path / "atlas.log").read_text()
     grid = load_grid(layout.grid())
     assert int(grid["patch_size"]) == 6 and int(grid["step"]) == 5
+
+
+def test_a_reference_atlas_is_copied_and_must_match_the_grid_settings(tmp_path):
+    from pipeline.errors import ConfigError
+
+    layout = _stage_inputs(tmp_path, {"a": 8, "b": 12}, failed=set())
+    _run(layout, ["a", "b"], rounds=1)
+    bundle = tmp_path / "bundle" / "atlas"
+    bundle.mkdir(parents=True)
+    for path in (layout.atlas_mask(), layout.grid()):
+        (bundle / path.name).write_bytes(path.read_bytes())
+    other = _stage_inputs(tmp_path / "other", {"z": 20}, failed=set())
+    summary = run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
+                        settings={**SMALL_GRID, "reference": str(tmp_path / "bundle")})
+    assert summary["method"] == "reference"
+    assert other.grid().read_bytes() == layout.grid().read_bytes()
+    assert other.atlas_mask().read_bytes() == layout.atlas_mask().read_bytes()
+    with pytest.raises(ConfigError, match=r"atlas.patch_size': 6 differs from the reference grid .*\(patch_size 4\)"):
+        run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
+                  settings={**SMALL_GRID, "patch_size": 6, "reference": str(bundle)})
+    with pytest.raises(ConfigError, match="holds no atlas_lung.nii.gz and grid.npz"):
+        run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
+                  settings={**SMALL_GRID, "reference": str(tmp_path)})
 
 
 def test_bad_settings_are_config_errors(tmp_path):
     from pipeline.errors import ConfigError
 
-    layout = _stage_inputs(tmp_path, {"a": 2.0}, failed=set())
-    for settings, key in (({"patch_size": 0}, "atlas.patch_size"), ({"method": "mean"}, "atlas.method")):
+    layout = _stage_inputs(tmp_path, {"a": 8}, failed=set())
+    for settings, key in (({"patch_size": 0}, "atlas.patch_size"), ({"method": "mean"}, "atlas.method"),
+                          ({"build_subjects": 0}, "atlas.build_subjects"), ({"rounds": 0}, "atlas.rounds")):
         with pytest.raises(ConfigError, match=key):
-            run_atlas(subjects_tsv=layout.subjects(), work=layout.work, out_atlas=layout.atlas_mask(),
-                      out_grid=layout.grid(), settings=settings)
+            _run(layout, ["a"], **settings)

@@ -115,7 +115,7 @@ def test_location_map_runs_key():
     with pytest.raises(ConfigError, match="report.location_map_runs.*'mocco'"):
         validate_config({"runs": runs, "report": {"location_map_runs": ["mocco"]}})
     config = eval_config()
-    assert figure_names(config)[-2:] == ["locmap_moco", "locmap_ifm_e0.1"]
+    assert figure_names(config)[-3:-1] == ["locmap_moco", "locmap_ifm_e0.1"]
 
 
 def tiny_atlas():

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from pipeline.atlas import crop_atlas
 from pipeline.errors import SubjectError
-from pipeline.register import dice_verdict, label_dice, read_transform, register_masks, run_register
+from pipeline.register import label_dice, read_transform, register_masks, registration_verdict, run_register
 from tests.preprocess_fixtures import synth_subjects, synthetic_chest  # noqa: F401 (fixture)
 
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -76,13 +76,33 @@ def test_register_masks_rejects_bad_settings():
         register_masks(labels, labels, iterations=0)
 
 
-def test_dice_policy_fails_low_overall_and_flags_a_low_lung():
-    assert dice_verdict({"dice": 0.95, "dice_right": 0.94, "dice_left": 0.96}, 0.85) is False
-    assert dice_verdict({"dice": 0.90, "dice_right": 0.95, "dice_left": 0.80}, 0.85) is True
-    expected = r"registration failed: Dice 0\.700 .* below register\.min_dice 0\.85"
+_POLICY = {"min_dice": 0.6, "flag_dice": 0.85, "max_scale": 2.0}
+
+
+def test_graded_policy_keeps_imperfect_fits_and_fails_only_gross_ones():
+    identity = np.eye(3)
+    assert registration_verdict({"dice": 0.95, "dice_right": 0.94, "dice_left": 0.96}, identity, _POLICY) == ""
+    low_lung = registration_verdict({"dice": 0.90, "dice_right": 0.95, "dice_left": 0.80}, identity, _POLICY)
+    assert low_lung == ("registration imperfect: Dice 0.900 (right 0.950, left 0.800) is below "
+                        "register.flag_dice 0.85")
+    assert registration_verdict({"dice": 0.70, "dice_right": 0.75, "dice_left": 0.65}, identity, _POLICY) \
+        .startswith("registration imperfect: Dice 0.700")
+    expected = r"registration failed: Dice 0\.550 .* below register\.min_dice 0\.6$"
     with pytest.raises(SubjectError, match=expected) as error:
-        dice_verdict({"dice": 0.70, "dice_right": 0.75, "dice_left": 0.65}, 0.85, sid="S1")
+        registration_verdict({"dice": 0.55, "dice_right": 0.6, "dice_left": 0.5}, identity, _POLICY, sid="S1")
     assert error.value.sid == "S1" and error.value.stage == "register"
+
+
+@pytest.mark.parametrize("matrix, match", [
+    (np.diag([1.0, 1.0, -1.0]), r"determinant -1 \(a reflection"),
+    (np.diag([1.0, 1.0, 0.0]), "determinant 0 "),
+    (np.diag([2.5, 1.0, 1.0]), r"implausible scale 1\.00-2\.50 .*register\.max_scale 2"),
+    (np.diag([0.4, 1.0, 1.0]), r"implausible scale 0\.40-1\.00"),
+])
+def test_graded_policy_fails_reflections_collapses_and_implausible_scales(matrix, match):
+    perfect = {"dice": 0.99, "dice_right": 0.99, "dice_left": 0.99}
+    with pytest.raises(SubjectError, match=match):
+        registration_verdict(perfect, matrix, _POLICY, sid="S2")
 
 
 def _stage_files(tmp_path):
@@ -106,11 +126,16 @@ def _run(tmp_path, sid, upstream="lung_ok.json", **settings):
 def test_stage_writes_transform_and_qc_or_fails_with_the_dice(tmp_path):
     atlas, subject = _stage_files(tmp_path)
     ok = _run(tmp_path, "A")
-    assert ok["status"] == "ok" and ok["flagged"] is False and ok["dice"] >= 0.9
+    assert ok["status"] == "ok" and ok["flagged"] is False and ok["flag_reason"] == "" and ok["dice"] >= 0.9
     assert {"dice_right", "dice_left", "iterations", "determinant"} <= set(ok)
     transform = read_transform(tmp_path / "A.tfm")
     assert label_dice(atlas, subject, transform)["dice"] == pytest.approx(ok["dice"], abs=1e-4)
     assert ok["determinant"] > 1.1  # the subject's lungs are 10 % larger in every direction
+
+    picky = _run(tmp_path, "F", flag_dice=0.9999)
+    assert picky["status"] == "ok" and picky["flagged"] is True
+    assert picky["flag_reason"].startswith(f"registration imperfect: Dice {ok['dice']:.3f}")
+    assert (tmp_path / "F.tfm").stat().st_size > 0
 
     strict = _run(tmp_path, "B", min_dice=0.9999)
     assert strict["status"] == "failed"
@@ -149,10 +174,12 @@ def test_bad_settings_are_config_errors():
     from pipeline.errors import ConfigError
     from pipeline.config import validate_section
 
-    assert validate_section("register", {}) == {"min_dice": 0.85, "iterations": 200, "shrink_factors": [4, 2, 1],
+    assert validate_section("register", {}) == {"min_dice": 0.6, "flag_dice": 0.85, "flag_mad": 3.0, "max_scale": 2.0,
+                                                "iterations": 200, "shrink_factors": [4, 2, 1],
                                                 "working_spacing_mm": 5.0}
     for settings, key in (({"min_dice": 1.5}, "min_dice"), ({"shrink_factors": []}, "shrink_factors"),
                           ({"shrink_factors": [2, 0]}, "shrink_factors"), ({"iterations": 0}, "iterations"),
-                          ({"working_spacing_mm": 0}, "working_spacing_mm")):
+                          ({"working_spacing_mm": 0}, "working_spacing_mm"), ({"max_scale": 1.0}, "max_scale"),
+                          ({"flag_mad": 0}, "flag_mad")):
         with pytest.raises(ConfigError, match=f"register.{key}"):
             validate_section("register", settings)

@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.report import build_report
 from pipeline.report.figures import figure_names, grid_footprints
 from pipeline.report.tables import config_hash, feature_sets
-from tests.eval_fixtures import (eval_config, make_eval_cohort, make_subject_image, write_benchmarks, write_history,
+from tests.eval_fixtures import (FLAGGED_REASON, eval_config, make_eval_cohort, make_subject_image, write_benchmarks, write_history,
                                  write_qc, write_results)
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "wbr", "source"}
@@ -116,6 +116,9 @@ def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
         assert f"<td class=\"text\">{sid}</td>" in text
         assert reason.replace("<", "&lt;") in text
     assert "duplicate subject ID" in text and "Subjects per outcome" in text
+    # a flagged subject is listed as kept, with its reason, and counted as flagged
+    flagged = text[text.index("Flagged subjects (kept)"):text.index("Excluded subjects")]
+    assert FLAGGED_REASON in flagged and "flagged: 1" in text
 
     # read-out table (synthetic): every run x pooling and the oracle, every factor
     readout = text[text.index('<table class="readout">'):]
@@ -126,7 +129,8 @@ def test_report_has_every_row_column_exclusion_and_figure(tmp_path):
     names = figure_names(config)
     assert set(names) == {"training_curves", "patch_grid", "scatter_logFEV1pp", "scatter_logFEV1FVC",
                           "confusion_CLE", "confusion_Paraseptal", "confusion_mMRC", "readout",
-                          "locmap_moco", "locmap_ifm_e0.1"}  # location maps: placeholders without their TSVs
+                          "locmap_moco", "locmap_ifm_e0.1",  # location maps: placeholders without their TSVs
+                          "registration_dice"}
     for name in names:
         png = (cohort.layout.results / "figures" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG")

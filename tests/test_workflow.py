@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,7 @@ TINY = {
     "synthetic": {"n_subjects": 12, "seed": 7, "shape": [96, 96, 80], "dicom_fraction": 0.25,
                   "reoriented_fraction": 0.25, "preview_subjects": 2},
     "ingest": {"spacing_mm": 4.0},
-    "atlas": {"patch_size": 8, "step": 6, "min_lung_fraction": 0.25},
-    "register": {"min_dice": 0.6},
+    "atlas": {"patch_size": 8, "step": 6, "min_lung_fraction": 0.25, "build_subjects": 5, "rounds": 2},
     "train": {"epochs": 1, "steps_per_epoch": 3, "batch_size": 4, "encoder": {"widths": [4, 8]},
               "moco": {"queue_size": 8},
               "graph": {"epochs": 2, "batch_size": 4, "queue_size": 8, "hidden_dim": 16}},
@@ -130,9 +130,10 @@ def inputs_per_job(dry_run_output: str) -> dict[str, int]:
 
 
 def test_dag_grows_linearly_with_the_cohort(tmp_path):
-    """Only the status tables list per-subject files; every other aggregate rule has the same inputs
-    for 3 and 6 subjects, and per-subject rules declare their data inputs only. This is what keeps
-    `snakemake -n` linear at 10,000 subjects (benchmarks/bench_dag.py times it)."""
+    """Only the status tables list per-subject files, and the atlas its sample's (at most
+    atlas.build_subjects subjects: a lung mask and a status each); every other aggregate rule has the
+    same inputs for 3 and 6 subjects, and per-subject rules declare their data inputs only. This is
+    what keeps `snakemake -n` linear at 10,000 subjects (benchmarks/bench_dag.py times it)."""
     counts = {}
     for n in (3, 6):
         directory = tmp_path / f"n{n}"
@@ -143,7 +144,7 @@ def test_dag_grows_linearly_with_the_cohort(tmp_path):
     assert (counts[3]["ingest"], counts[3]["lung"], counts[3]["register"], counts[3]["patches"]) == (1, 1, 2, 4)
     assert counts[3].keys() == counts[6].keys()
     growing = {rule: (counts[3][rule], counts[6][rule]) for rule in counts[3] if counts[3][rule] != counts[6][rule]}
-    assert growing == {"stage_table": (4, 7)}, growing
+    assert growing == {"stage_table": (4, 7), "atlas": (6, 12)}, growing
 
 
 def resources_of(dry_run_output: str) -> dict[str, dict[str, str]]:
@@ -215,7 +216,8 @@ def test_end_to_end_report(tiny_run):
     directory, _ = tiny_run
     qc = read_tsv(directory / "results" / "qc.tsv")
     assert len(qc) == TINY["synthetic"]["n_subjects"]
-    assert all(row["status"] == "ok" for row in qc), [(r["sid"], r["reason"]) for r in qc if r["status"] != "ok"]
+    kept = ("ok", "flagged")  # flagged subjects are kept
+    assert all(row["status"] in kept for row in qc), [(r["sid"], r["reason"]) for r in qc if r["status"] not in kept]
 
     html = (directory / "results" / "report.html").read_text()
     parser = _Tables()
@@ -324,9 +326,143 @@ def test_bad_subjects_are_isolated(tiny_run, tmp_path):
     duplicate = good[1].name[:-7]
     assert qc[duplicate]["status"] == "rejected" and "duplicate" in qc[duplicate]["reason"]
     assert qc["../escape"]["status"] == "rejected" and "unsafe" in qc["../escape"]["reason"]
-    ok = sorted(sid for sid, row in qc.items() if row["status"] == "ok")
+    ok = sorted(sid for sid, row in qc.items() if row["status"] in ("ok", "flagged"))
     assert ok == sorted(p.name[:-7] for p in good if p != good[1])
 
     features = read_tsv(tmp_path / "work" / "runs" / "moco" / "features_mean.tsv")
     assert sorted(row["sid"] for row in features) == ok
     assert {p.name: p.read_bytes() for p in data.iterdir()} == raw_before, "raw inputs were modified"
+
+
+def test_fixing_a_subject_outside_the_atlas_sample_reruns_only_it_and_the_cohort_stages(tiny_run):
+    """The atlas depends on its hashed sample only: a changed raw image of another subject reruns
+    that subject's preprocessing and the cohort-level stages, not the atlas or other subjects.
+    (Snakemake ≥ 9.18 compares input checksums, so the file is rewritten, not just touched.)"""
+    import gzip
+
+    from pipeline.template import atlas_sample
+
+    directory, config = tiny_run
+    sids = sorted(p.name.split(".")[0] for p in (directory / "work" / "qc" / "ingest").glob("*.json"))
+    sample = atlas_sample(sids, TINY["atlas"]["build_subjects"])
+    images = directory / "data" / "synthetic" / "images"
+    outside = next(sid for sid in sids if sid not in sample and (images / f"{sid}.nii.gz").is_file())
+    image = images / f"{outside}.nii.gz"
+    before, original = image.stat(), image.read_bytes()
+    try:
+        image.write_bytes(gzip.compress(gzip.decompress(original), mtime=1))  # same voxels, new file
+        dry = snakemake(directory, config, "-n")
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        listing = dry.stdout + dry.stderr
+        jobs = jobs_of(listing)
+        assert jobs, listing[-3000:]
+        per_subject = {"ingest", "lung", "register", "patches"}
+        assert {rule: jobs[rule] for rule in per_subject} == dict.fromkeys(per_subject, 1), jobs
+        wildcards = [line.strip() for line in listing.splitlines() if line.strip().startswith("wildcards:")]
+        assert {sid for line in wildcards for sid in re.findall(r"sid=([^,\s]+)", line)} == {outside}
+        assert "atlas" not in jobs and "cohort" not in jobs
+        assert {"train", "embed", "pool", "evaluate", "report"} <= set(jobs)
+    finally:
+        image.write_bytes(original)
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def copdssl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(BIN / "copdssl"), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    """The tiny run's `moco` run exported as a bundle (with its graph encoder)."""
+    directory, config = tiny_run
+    out = tmp_path_factory.mktemp("bundle") / "moco"
+    result = copdssl(directory, "export", "--config", str(config), "--run", "moco", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_export_writes_a_self_describing_bundle(tiny_bundle):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    files = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert files == {"encoder.safetensors", "graph.safetensors", "atlas/atlas_lung.nii.gz", "atlas/grid.npz",
+                     "preprocessing.json", "config.yaml", "provenance.json", "README.md"}
+    spec = json.loads((tiny_bundle / "preprocessing.json").read_text())
+    assert spec["run"] == "moco" and spec["patch_size"] == TINY["atlas"]["patch_size"]
+    assert spec["spacing_mm"] == TINY["ingest"]["spacing_mm"] and spec["input"]["windows"]
+    assert load_file(str(tiny_bundle / "encoder.safetensors"))  # plain tensors, no pickle
+    provenance = json.loads((tiny_bundle / "provenance.json").read_text())
+    for name, digest in provenance["files_sha256"].items():
+        assert hashlib.sha256((tiny_bundle / name).read_bytes()).hexdigest() == digest, name
+    card = (tiny_bundle / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "copdssl" and front["training_data"]["subjects"] == TINY["synthetic"]["n_subjects"]
+    assert "| mean | logFEV1pp | r2 |" in card and "Intended use and limitations" in card
+
+
+def test_apply_reproduces_the_pipeline_embeddings_and_embeds_a_new_cohort(tiny_run, tiny_bundle, tmp_path):
+    from pipeline.synth.cohort import write_subject
+    from pipeline.synth.plan import plan_cohort
+    from tests.preprocess_fixtures import synth_settings
+
+    directory, _ = tiny_run
+    images = directory / "data" / "synthetic" / "images"
+    trained = sorted(p.name[:-7] for p in images.glob("*.nii.gz"))[:2]
+    new = plan_cohort(synth_settings(2, seed=8, spacing_mm=None, **{k: v for k, v in TINY["synthetic"].items()
+                                                                    if k not in ("n_subjects", "seed")}))
+    for plan in new:
+        write_subject(plan, tmp_path / "new")
+    rows = ["sid\timage\tformat"] + [f"{sid}\t{images / sid}.nii.gz\tnifti" for sid in trained]
+    rows += [f"NEW{i}\t{tmp_path / 'new' / plan.image}\t{plan.format}" for i, plan in enumerate(new)]
+    rows.append("BAD\tmissing.nii.gz\tnifti")
+    (tmp_path / "scans.tsv").write_text("\n".join(rows) + "\n")
+    result = copdssl(tmp_path, "apply", "--bundle", str(tiny_bundle), "--manifest", str(tmp_path / "scans.tsv"),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import numpy as np
+
+    for sid in trained:  # bit-identical to the workflow's embeddings on CPU
+        ours = np.load(tmp_path / "out" / "work" / "runs" / "moco" / "embeddings" / f"{sid}.npy")
+        assert np.array_equal(ours, np.load(directory / "work" / "runs" / "moco" / "embeddings" / f"{sid}.npy")), sid
+    qc = {row["sid"]: row for row in read_tsv(tmp_path / "out" / "qc.tsv")}
+    assert set(qc) == {*trained, "NEW0", "NEW1", "BAD"}
+    assert qc["BAD"]["status"] == "failed" and qc["BAD"]["failed_stage"] == "ingest"
+    kept = sorted(sid for sid, row in qc.items() if row["status"] in ("ok", "flagged"))
+    assert kept == sorted([*trained, "NEW0", "NEW1"])
+    for pooling in ("mean", "gnn"):
+        features = read_tsv(tmp_path / "out" / f"features_{pooling}.tsv")
+        assert sorted(row["sid"] for row in features) == kept
+    pooled = {row["sid"]: row for row in read_tsv(directory / "work" / "runs" / "moco" / "features_mean.tsv")}
+    ours = {row["sid"]: row for row in read_tsv(tmp_path / "out" / "features_mean.tsv")}
+    assert all(ours[sid] == pooled[sid] for sid in trained)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing weights", r"encoder\.safetensors does not exist"),
+    ("truncated weights", r"encoder\.safetensors is not a readable safetensors file"),
+    ("patch size", r"grid\.npz has 8³ patches at \d+ locations, preprocessing\.json says 6³"),
+    ("feature size", r"encoder\.safetensors does not fit preprocessing\.json: .* has shape"),
+])
+def test_bad_bundles_fail_in_one_line(tiny_bundle, tmp_path, damage, message):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    weights = bundle / "encoder.safetensors"
+    spec = json.loads((bundle / "preprocessing.json").read_text())
+    if damage == "missing weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "patch size":
+        spec["patch_size"] = 6
+    else:
+        spec["encoder"]["feature_dim"] = spec["encoder"]["feature_dim"] * 2
+    (bundle / "preprocessing.json").write_text(json.dumps(spec))
+    (tmp_path / "scans.tsv").write_text("sid\timage\nS\tS.nii.gz\n")
+    result = copdssl(tmp_path, "apply", "--bundle", str(bundle), "--manifest", str(tmp_path / "scans.tsv"),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines

@@ -63,7 +63,7 @@ def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
     sections.append(("locmap", "Where the signal is", _location_map_section(config, layout, figures_dir)))
     if config.get("cohort", {}).get("truth"):
         sections.append(("readout", "Latent-factor read-out", _readout_section(sets, readouts)))
-    sections.append(("qc", "Quality control", _qc_section(layout, metrics, outcomes)))
+    sections.append(("qc", "Quality control", _qc_section(config, layout, metrics, outcomes, figures_dir)))
     sections.append(("provenance", "Provenance", _provenance_section(layout, prov)))
     title = config.get("report", {}).get("title", "copdssl outcome report")
     document = html.page(title, prov["date"], prov["config_sha256"],
@@ -120,7 +120,7 @@ def _results_section(config, sets, main) -> list[str]:
 def _figures_section(config, layout, main, predictions, readouts, sets, figures_dir) -> list[str]:
     from pipeline.report import figures, html, tables
 
-    mapped = set(figures.location_map_names(config))  # drawn in their own section
+    mapped = set(figures.location_map_names(config)) | set(figures.QC_FIGURES)  # drawn in their own sections
     wanted = [name for name in figures.figure_names(config) if name not in mapped]
     outcomes = config["evaluate"]["outcomes"]
     drawn: dict[str, tuple[Any, str]] = {}
@@ -326,23 +326,37 @@ def _readout_section(sets, readouts) -> list[str]:
         "reads the factors from themselves (its cle, pse and awt are the features)."), html.readout_table(table)]
 
 
-def _qc_section(layout, metrics, outcomes) -> list[str]:
+def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
     import pandas as pd
 
-    from pipeline.report import html, tables
+    from pipeline.report import figures, html, tables
 
     parts = []
-    excluded, counts = tables.qc_summary(layout)
-    if excluded is None:
+    qc, counts = tables.qc_summary(layout)
+    register = config["register"]
+    if qc is None:
         parts.append(html.note(f"No QC table found ({layout.qc_table()})."))
+        figure = figures.placeholder("registration Dice", "no QC table found")
     else:
         parts.append(html.paragraph("Subjects per status: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-                                    + "."))
+                                    + ". Flagged subjects are kept; failed, incomplete and rejected ones are not used."))
+        figure = figures.registration_dice(qc, register["min_dice"], register["flag_dice"])
+        columns = [c for c in ("sid", "status", "failed_stage", "reason", "flag_reason") if c in qc.columns]
+        flagged = qc.loc[qc["status"] == "flagged", ["sid", "flag_reason"]] if "flag_reason" in qc.columns else None
+        excluded = qc.loc[~qc["status"].isin(["ok", "flagged"]), [c for c in columns if c != "flag_reason"]]
+        if flagged is not None and not flagged.empty:
+            parts.append("<h3>Flagged subjects (kept)</h3>")
+            parts.append(html.dataframe(flagged.reset_index(drop=True), text_columns=list(flagged.columns)))
         if excluded.empty:
             parts.append(html.paragraph("No subject was excluded."))
         else:
             parts.append("<h3>Excluded subjects</h3>")
-            parts.append(html.dataframe(excluded, text_columns=list(excluded.columns)))
+            parts.append(html.dataframe(excluded.reset_index(drop=True), text_columns=list(excluded.columns)))
+    data = figures.save_png(figure, figures_dir / "registration_dice.png")
+    parts.append(html.figure(data, "registration Dice", (
+        f"Registration Dice of every kept subject; flagged ones in orange. Below register.min_dice "
+        f"({register['min_dice']:g}) a subject fails; below register.flag_dice ({register['flag_dice']:g}) or "
+        f"{register['flag_mad']:g} MAD below the cohort median it is kept and flagged for review.")))
     per_outcome = tables.outcome_counts(metrics, list(outcomes))
     if per_outcome:
         frame = pd.DataFrame([{"outcome": name, "column": outcomes[name]["column"],

@@ -29,7 +29,11 @@ def figure_names(config: Mapping[str, Any]) -> list[str]:
     names += [f"confusion_{name}" for name, spec in outcomes.items() if spec["kind"] == "ordinal"]
     if config.get("cohort", {}).get("truth"):
         names.append("readout")
-    return names + location_map_names(config)
+    return names + location_map_names(config) + QC_FIGURES
+
+
+# Drawn in the report's QC section (not in its Figures section).
+QC_FIGURES = ["registration_dice"]
 
 
 def location_map_names(config: Mapping[str, Any]) -> list[str]:
@@ -166,6 +170,36 @@ def readout_heatmap(table: pd.DataFrame) -> Figure:
     ax.set_yticks(range(table.shape[0]), list(table.index))
     ax.set_title("linear read-out of latent factors (out-of-fold R²)")
     figure.colorbar(image, ax=ax, fraction=0.046, label="R² (clipped to [0, 1])")
+    figure.tight_layout()
+    return figure
+
+
+def registration_dice(qc: pd.DataFrame, min_dice: float, flag_dice: float) -> Figure:
+    """Histogram of the registration Dice of kept subjects, flagged ones stacked in their own colour.
+
+    Args:
+        qc: the QC table (``status`` and ``register_dice`` columns; rows without a Dice are counted
+            in the title only).
+        min_dice, flag_dice: the ``register`` thresholds, drawn as vertical lines.
+    """
+    figure = Figure(figsize=(6.4, 3.0))
+    ax = figure.add_subplot()
+    dice = pd.to_numeric(qc.get("register_dice", pd.Series(dtype=float)), errors="coerce")
+    groups = [(status, dice[(qc["status"] == status) & dice.notna()].to_numpy()) for status in ("ok", "flagged")]
+    values = np.concatenate([v for _, v in groups]) if any(v.size for _, v in groups) else np.zeros(0)
+    lo = min(float(values.min()) if values.size else 1.0, min_dice) - 0.02
+    bins = np.linspace(lo, 1.0, 41)
+    ax.hist([v for _, v in groups], bins=bins, stacked=True, color=["#4c72b0", "#dd8452"],
+            label=[f"{status} ({v.size})" for status, v in groups])
+    ax.axvline(min_dice, color="#c44e52", linestyle="--", linewidth=1)
+    ax.axvline(flag_dice, color="#dd8452", linestyle=":", linewidth=1)
+    ax.text(min_dice, ax.get_ylim()[1] * 0.95, " min_dice (failed below)", color="#c44e52", fontsize=8, va="top")
+    ax.text(flag_dice, ax.get_ylim()[1] * 0.8, " flag_dice", color="#dd8452", fontsize=8, va="top")
+    failed = int(((qc["status"] != "ok") & (qc["status"] != "flagged")).sum())
+    ax.set_title(f"registration Dice of the warped atlas ({failed} subject(s) not kept, not shown)", fontsize=10)
+    ax.set_xlabel("Dice with the subject's lungs")
+    ax.set_ylabel("subjects")
+    ax.legend(fontsize=8, loc="upper left")
     figure.tight_layout()
     return figure
 

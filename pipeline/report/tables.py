@@ -244,13 +244,14 @@ def readout_table(sets: Sequence[FeatureSet], readouts: Mapping[str, pd.DataFram
 
 
 def qc_summary(layout: Layout) -> tuple[pd.DataFrame | None, dict[str, int]]:
-    """Excluded subjects (``sid, status, failed_stage, reason``) and subject counts per status."""
+    """The QC table (``""`` for missing cells) and subject counts per status; ``(None, {})`` without one."""
     qc = read_tsv(layout.qc_table())
     if qc is None or "status" not in qc.columns:
         return None, {}
     counts = {str(k): int(v) for k, v in qc["status"].value_counts().items()}
-    excluded = qc.loc[qc["status"] != "ok", [c for c in ("sid", "status", "failed_stage", "reason") if c in qc.columns]]
-    return excluded.fillna("").reset_index(drop=True), counts
+    text = [c for c in ("sid", "status", "failed_stage", "reason", "flag_reason") if c in qc.columns]
+    qc[text] = qc[text].fillna("")
+    return qc.reset_index(drop=True), counts
 
 
 def outcome_counts(metrics: Mapping[str, pd.DataFrame], outcomes: Sequence[str]) -> dict[str, tuple[int, int]]:

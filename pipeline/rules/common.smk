@@ -17,7 +17,9 @@ gc.set_threshold(10_000, 10, 100)
 from pipeline.baselines import BASELINE_POOLING, combined_name, split_combined
 from pipeline.config import location_map_runs, run_settings, validate_config
 from pipeline.layout import Layout
+from pipeline.register import FIT_KEYS as REGISTER_FIT_KEYS
 from pipeline.subjects import SID_PATTERN, Subject, read_manifest
+from pipeline.template import atlas_sample
 
 # A stage reads the status of the stage before it (`--upstream`) to mark a subject skipped when
 # that stage failed. The rules pass it as `{params.upstream_dir}/{wildcards.sid}.json`
@@ -63,6 +65,10 @@ def load_subjects():
 
 SUBJECTS = {s.sid: s for s in load_subjects()}
 SIDS = list(SUBJECTS)
+# The subjects the atlas is built from (by a hash of their IDs; none with a supplied atlas): the
+# atlas depends on their lung masks only, so fixing any other subject reruns that subject alone.
+ATLAS_REFERENCE = config["atlas"]["reference"]
+ATLAS_SAMPLE = [] if ATLAS_REFERENCE else atlas_sample(SIDS, config["atlas"]["build_subjects"])
 
 
 def graph_enabled(run):
@@ -102,6 +108,15 @@ EVALUATE_SETTINGS = json.dumps({k: v for k, v in config["evaluate"].items() if k
 
 def run_settings_json(wildcards):
     return json.dumps(run_settings(config, wildcards.run))
+
+
+def atlas_inputs(wildcards):
+    """The atlas sample's lung masks and statuses, or the supplied reference atlas's two files."""
+    if ATLAS_REFERENCE:
+        from pipeline.atlas import reference_files
+
+        return list(reference_files(ATLAS_REFERENCE))
+    return [LAYOUT.lung(sid) for sid in ATLAS_SAMPLE] + [LAYOUT.status("lung", sid) for sid in ATLAS_SAMPLE]
 
 
 def subject_image(wildcards):
@@ -154,11 +169,7 @@ def evaluation_features(wildcards):
 
 
 def report_figures():
-    """Figure name -> path; the names match what `copdssl report` writes."""
-    names = ["training_curves", "patch_grid"]
-    names += [f"scatter_{name}" for name, o in OUTCOMES.items() if o["kind"] == "regression"]
-    names += [f"confusion_{name}" for name, o in OUTCOMES.items() if o["kind"] == "ordinal"]
-    if TRUTH:
-        names.append("readout")
-    names += [f"locmap_{run}" for run in LOCMAP_RUNS]
-    return {name: os.path.join(FIGURES, f"{name}.png") for name in names}
+    """Figure name -> path, with the names `copdssl report` writes (pipeline.report.figures.figure_names)."""
+    from pipeline.report.figures import figure_names
+
+    return {name: os.path.join(FIGURES, f"{name}.png") for name in figure_names(config)}

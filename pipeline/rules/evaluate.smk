@@ -43,7 +43,9 @@ rule evaluate:
     wildcard_constraints:
         name="|".join(re.escape(n) for n in EVALUATION_NAMES),
         fpool="|".join(re.escape(p) for p in EVALUATION_POOLINGS),
-    threads: 2
+    # Many small ridge/ordinal fits: a second BLAS thread gains nothing (16.4 s at 1 thread, 17.6 s at 2,
+    # one demo job; BENCHMARKS.md), while two one-thread jobs run side by side.
+    threads: 1
     conda:
         "../../environment.yml"
     shell:

@@ -39,8 +39,9 @@ rule qc:
         LAYOUT.benchmark("qc")
     params:
         work=LAYOUT.work,
+        settings=settings("register"),
     conda:
         "../../environment.yml"
     shell:
         "copdssl qc --subjects {input.subjects:q} --rejects {input.rejects:q}"
-        " --work {params.work:q} --out {output:q} --log {log:q}"
+        " --work {params.work:q} --settings {params.settings:q} --out {output:q} --log {log:q}"
