@@ -199,7 +199,7 @@ def registration_dice(qc: pd.DataFrame, min_dice: float, flag_dice: float) -> Fi
     ax.set_title(f"registration Dice of the warped atlas ({failed} subject(s) not kept, not shown)", fontsize=10)
     ax.set_xlabel("Dice with the subject's lungs")
     ax.set_ylabel("subjects")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center left")  # the threshold labels sit at the top
     figure.tight_layout()
     return figure
 
