@@ -37,14 +37,14 @@ def apply_bundle(bundle_dir, manifest, out, *, device: str = "cpu", batch_size: 
     from models.embed import embed_cohort
     from pipeline.atlas import load_grid
     from pipeline.bundle import read_bundle, write_checkpoints
-    from pipeline.files import write_text, write_tsv
+    from pipeline.files import write_tsv
     from pipeline.ingest import run_ingest
     from pipeline.layout import Layout
     from pipeline.logs import progress
     from pipeline.lung import run_lung
     from pipeline.patches import run_patches
     from pipeline.pool import load_embedding, make_pooler, pool_subjects
-    from pipeline.qc import qc_rows, to_tsv
+    from pipeline.qc import qc_rows, write_qc_table
     from pipeline.register import run_register
     from pipeline.status import passed_subjects
     from pipeline.subjects import read_manifest
@@ -79,16 +79,13 @@ def apply_bundle(bundle_dir, manifest, out, *, device: str = "cpu", batch_size: 
     counts = embed_cohort(layout.encoder(run), layout, run, sids, ok, grid["locations"], batch_size=batch_size,
                           device=device)
     features = {}
-    for pooling in ["mean"] + (["gnn"] if bundle.graph_state is not None else []):
+    for pooling in ["mean"] + (["gnn"] if bundle.graph is not None else []):
         table = pool_subjects(ok, lambda sid: load_embedding(layout.embedding(run, sid), sid, len(grid["locations"])),
                               make_pooler(pooling, layout, run, device=device), desc=f"apply {run}: {pooling} pooling")
         features[pooling] = out / f"features_{pooling}.tsv"
         write_tsv(features[pooling], table)
-    rows = qc_rows(sids, rejects, layout, flag_mad=config["register"]["flag_mad"])
-    write_text(out / "qc.tsv", to_tsv(rows))
-    status_counts: dict[str, int] = {}
-    for row in rows:
-        status_counts[row["status"]] = status_counts.get(row["status"], 0) + 1
+    status_counts = write_qc_table(out / "qc.tsv", qc_rows(sids, rejects, layout,
+                                                           flag_mad=config["register"]["flag_mad"]))
     log.info("apply %s: %d subjects embedded; QC %s -> %s", run, counts["embedded"],
              ", ".join(f"{n} {k}" for k, n in sorted(status_counts.items())), out)
     return {"run": run, "subjects": len(sids), "embedded": counts["embedded"], "counts": status_counts,

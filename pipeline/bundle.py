@@ -57,16 +57,16 @@ class Bundle:
         run: the exported run's name.
         preprocessing: the parsed ``preprocessing.json``.
         config: the resolved config (``config.yaml``), with ``runs`` holding this run only.
-        encoder_state: the encoder's state dict (CPU tensors).
-        graph_state: the graph encoder's state dict, or ``None``.
+        encoder: the patch encoder (:class:`models.encoder.PatchEncoder`) with the bundle's weights.
+        graph: the graph encoder (:class:`models.graph.GraphEncoder`) with its weights, or ``None``.
     """
 
     root: Path
     run: str
     preprocessing: dict[str, Any]
     config: dict[str, Any]
-    encoder_state: dict[str, Any]
-    graph_state: dict[str, Any] | None
+    encoder: Any
+    graph: Any | None
 
     @property
     def atlas_mask(self) -> Path:
@@ -77,12 +77,13 @@ class Bundle:
         return self.root / ATLAS_DIR / GRID_NAME
 
 
-def preprocessing_spec(config: dict[str, Any], run: str, *, patch_size: int, num_locations: int,
-                       graph: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``preprocessing.json`` of a run: what a new scan must go through to be embedded."""
-    from pipeline.config import run_settings
+def preprocessing_spec(config: dict[str, Any], run: str, train: dict[str, Any], *, patch_size: int,
+                       num_locations: int, graph: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``preprocessing.json`` of a run: what a new scan must go through to be embedded.
 
-    train = run_settings(config, run)
+    Args:
+        train: the run's resolved training settings (:func:`pipeline.config.run_settings`).
+    """
     return {
         "format_version": FORMAT_VERSION,
         "run": run,
@@ -125,15 +126,12 @@ def _evaluation_rows(layout: Layout, run: str) -> list[dict[str, Any]]:
     return rows
 
 
-def model_card(config: dict[str, Any], run: str, spec: dict[str, Any], evaluation: list[dict[str, Any]],
-               n_subjects: int) -> str:
-    """The bundle's ``README.md``: YAML front matter and a short card."""
+def model_card(config: dict[str, Any], run: str, train: dict[str, Any], spec: dict[str, Any],
+               evaluation: list[dict[str, Any]], n_subjects: int) -> str:
+    """The bundle's ``README.md``: YAML front matter and a short card (``train``: the run's settings)."""
     import yaml
 
-    from pipeline.config import run_settings
-
     synthetic = config["cohort"]["source"] == "synthetic"
-    train = run_settings(config, run)
     front = {
         "library_name": "copdssl",
         "tags": ["chest-ct", "copd", "self-supervised", "moco", "3d"],
@@ -201,8 +199,9 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
         if not path.is_file():
             raise ConfigError(f"export: {what} {path} does not exist; run the workflow first")
     saved = load(layout.encoder(run))
+    train = run_settings(config, run)
     trained = {k: v for k, v in saved["settings"].items() if k not in IGNORED_KEYS}
-    configured = {k: v for k, v in run_settings(config, run).items() if k not in IGNORED_KEYS}
+    configured = {k: v for k, v in train.items() if k not in IGNORED_KEYS}
     if trained != configured:
         differing = sorted(k for k in set(trained) | set(configured) if trained.get(k) != configured.get(k))
         raise ConfigError(f"export: {layout.encoder(run)} was trained with other settings than the config gives for "
@@ -212,7 +211,7 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
     if layout.graph_model(run).is_file():
         graph_saved = load(layout.graph_model(run))
         graph_state, graph = graph_saved["state_dict"], dict(graph_saved["hyper_parameters"])
-    spec = preprocessing_spec(config, run, patch_size=int(saved["patch_size"]),
+    spec = preprocessing_spec(config, run, train, patch_size=int(saved["patch_size"]),
                               num_locations=int(saved["num_locations"]), graph=graph)
     if int(grid["patch_size"]) != spec["patch_size"] or len(grid["corners"]) != spec["num_locations"]:
         raise ConfigError(f"export: the grid {layout.grid()} ({int(grid['patch_size'])}³, {len(grid['corners'])} "
@@ -241,7 +240,7 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
         (staging / PREPROCESSING_FILE).write_text(json.dumps(spec, indent=2, default=_plain) + "\n")
         (staging / CONFIG_FILE).write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=_plain)),
                                                            sort_keys=False))
-        (staging / CARD_FILE).write_text(model_card(config, run, spec, _evaluation_rows(layout, run), n_subjects))
+        (staging / CARD_FILE).write_text(model_card(config, run, train, spec, _evaluation_rows(layout, run), n_subjects))
         from pipeline import __version__
 
         files = {p.relative_to(staging).as_posix(): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
@@ -316,18 +315,18 @@ def read_bundle(root: str | Path) -> Bundle:
     state = _read_safetensors(root / ENCODER_FILE)
     encoder = encoder_from_settings(spec["encoder"], int(spec["patch_size"]),
                                     in_channels=input_channels({"input": spec["input"]}))
-    _check_state(encoder, state, root / ENCODER_FILE)
-    graph_state = None
+    _load_checked(encoder, state, root / ENCODER_FILE)
+    graph = None
     if spec.get("graph"):
         from models.graph import GraphEncoder
 
-        graph_state = _read_safetensors(root / GRAPH_FILE)
-        _check_state(GraphEncoder(**spec["graph"]), graph_state, root / GRAPH_FILE)
-    return Bundle(root=root, run=run, preprocessing=spec, config=config, encoder_state=state, graph_state=graph_state)
+        graph = GraphEncoder(**spec["graph"])
+        _load_checked(graph, _read_safetensors(root / GRAPH_FILE), root / GRAPH_FILE)
+    return Bundle(root=root, run=run, preprocessing=spec, config=config, encoder=encoder, graph=graph)
 
 
-def _check_state(module, state: dict[str, Any], path: Path) -> None:
-    """``state`` must fit ``module`` exactly: same keys, same shapes (one-line ``ConfigError`` if not)."""
+def _load_checked(module, state: dict[str, Any], path: Path) -> None:
+    """Load ``state`` into ``module``; it must fit exactly: same keys, same shapes (one-line ``ConfigError`` if not)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -339,21 +338,21 @@ def _check_state(module, state: dict[str, Any], path: Path) -> None:
         if found[key] != shape:
             raise ConfigError(f"bundle: {path} does not fit {PREPROCESSING_FILE}: {key} has shape {found[key]}, "
                               f"the encoder it describes needs {shape}")
+    module.load_state_dict(state)
 
 
 def write_checkpoints(bundle: Bundle, layout: Layout) -> None:
     """Write the bundle's encoder (and graph encoder) as the run's ``encoder.pt`` / ``graph.pt`` in
     ``layout``, so the embed and pool stages read them like a trained run's."""
-    from models.checkpoint import save
-
+    from models.checkpoint import export_encoder
+    from models.graph import save_graph_encoder
     from pipeline.config import run_settings
 
     spec, run = bundle.preprocessing, bundle.run
-    settings = run_settings(bundle.config, run)
-    save({"state_dict": bundle.encoder_state, "settings": settings, "patch_size": int(spec["patch_size"]),
-          "num_locations": int(spec["num_locations"]), "feature_dim": int(spec["feature_dim"])}, layout.encoder(run))
-    if bundle.graph_state is not None:
-        save({"state_dict": bundle.graph_state, "hyper_parameters": spec["graph"]}, layout.graph_model(run))
+    export_encoder(layout.encoder(run), bundle.encoder, run_settings(bundle.config, run),
+                   patch_size=int(spec["patch_size"]), num_locations=int(spec["num_locations"]))
+    if bundle.graph is not None:
+        save_graph_encoder(layout.graph_model(run), bundle.graph)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "lung", "register", "patches")
 FLAGGED = "flagged"
+KEPT = (OK, FLAGGED)  # statuses of the subjects every later stage uses
 _STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason", "flagged", "flag_reason"}
 # The MAD of a normal sample times this estimates its standard deviation.
 MAD_TO_SD = 1.4826
@@ -59,8 +60,13 @@ def subject_row(sid: str, layout: Layout, stages=STAGES) -> dict[str, Any]:
                        reason=status.get("reason", ""), flag_reason="")
             break
         if status.get("flag_reason"):
-            row.update(status=FLAGGED, flag_reason="; ".join(filter(None, [row["flag_reason"], status["flag_reason"]])))
+            _add_flag(row, status["flag_reason"])
     return row
+
+
+def _add_flag(row: dict[str, Any], reason: str) -> None:
+    """Mark a kept row ``flagged`` and append ``reason`` to its ``flag_reason`` (in place)."""
+    row.update(status=FLAGGED, flag_reason="; ".join(filter(None, [row.get("flag_reason", ""), reason])))
 
 
 def flag_cohort_outliers(rows: list[dict[str, Any]], column: str, k: float, label: str) -> list[str]:
@@ -74,7 +80,7 @@ def flag_cohort_outliers(rows: list[dict[str, Any]], column: str, k: float, labe
     """
     import numpy as np
 
-    kept = [row for row in rows if row["status"] in (OK, FLAGGED) and isinstance(row.get(column), (int, float))]
+    kept = [row for row in rows if row["status"] in KEPT and isinstance(row.get(column), (int, float))]
     if len(kept) < 5:
         return []
     values = np.array([float(row[column]) for row in kept])
@@ -84,9 +90,8 @@ def flag_cohort_outliers(rows: list[dict[str, Any]], column: str, k: float, labe
     flagged = []
     for row in kept:
         if float(row[column]) < limit:
-            reason = (f"{label} {float(row[column]):.3f} is an outlier of the cohort: below its median {median:.3f} "
-                      f"- {k:g} MAD ({limit:.3f})")
-            row.update(status=FLAGGED, flag_reason="; ".join(filter(None, [row.get("flag_reason", ""), reason])))
+            _add_flag(row, f"{label} {float(row[column]):.3f} is an outlier of the cohort: below its median "
+                           f"{median:.3f} - {k:g} MAD ({limit:.3f})")
             flagged.append(row["sid"])
     return flagged
 
@@ -126,6 +131,15 @@ def to_tsv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def write_qc_table(path, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Write the rows as a TSV (atomically); return the number of subjects per status."""
+    write_text(path, to_tsv(rows))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.cli import stage_settings
     from pipeline.manifest import read_rejections, read_subjects
@@ -137,9 +151,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         rejects = read_rejections(args.rejects) if args.rejects else []
         rows = qc_rows(subjects, rejects, layout, flag_mad=stage_settings(args, "register")["flag_mad"])
-    write_text(args.out, to_tsv(rows))
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    counts = write_qc_table(args.out, rows)
     log.info("QC: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return 0

@@ -329,6 +329,7 @@ def _readout_section(sets, readouts) -> list[str]:
 def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
     import pandas as pd
 
+    from pipeline.qc import FLAGGED, KEPT
     from pipeline.report import figures, html, tables
 
     parts = []
@@ -342,8 +343,8 @@ def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
                                     + ". Flagged subjects are kept; failed, incomplete and rejected ones are not used."))
         figure = figures.registration_dice(qc, register["min_dice"], register["flag_dice"])
         columns = [c for c in ("sid", "status", "failed_stage", "reason", "flag_reason") if c in qc.columns]
-        flagged = qc.loc[qc["status"] == "flagged", ["sid", "flag_reason"]] if "flag_reason" in qc.columns else None
-        excluded = qc.loc[~qc["status"].isin(["ok", "flagged"]), [c for c in columns if c != "flag_reason"]]
+        flagged = qc.loc[qc["status"] == FLAGGED, ["sid", "flag_reason"]] if "flag_reason" in qc.columns else None
+        excluded = qc.loc[~qc["status"].isin(KEPT), [c for c in columns if c != "flag_reason"]]
         if flagged is not None and not flagged.empty:
             parts.append("<h3>Flagged subjects (kept)</h3>")
             parts.append(html.dataframe(flagged.reset_index(drop=True), text_columns=list(flagged.columns)))
@@ -352,7 +353,7 @@ def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
         else:
             parts.append("<h3>Excluded subjects</h3>")
             parts.append(html.dataframe(excluded.reset_index(drop=True), text_columns=list(excluded.columns)))
-    data = figures.save_png(figure, figures_dir / "registration_dice.png")
+    data = figures.save_png(figure, figures_dir / f"{figures.REGISTRATION_DICE}.png")
     parts.append(html.figure(data, "registration Dice", (
         f"Registration Dice of every kept subject; flagged ones in orange. Below register.min_dice "
         f"({register['min_dice']:g}) a subject fails; below register.flag_dice ({register['flag_dice']:g}) or "

@@ -33,7 +33,8 @@ def figure_names(config: Mapping[str, Any]) -> list[str]:
 
 
 # Drawn in the report's QC section (not in its Figures section).
-QC_FIGURES = ["registration_dice"]
+REGISTRATION_DICE = "registration_dice"
+QC_FIGURES = [REGISTRATION_DICE]
 
 
 def location_map_names(config: Mapping[str, Any]) -> list[str]:
@@ -182,10 +183,12 @@ def registration_dice(qc: pd.DataFrame, min_dice: float, flag_dice: float) -> Fi
             in the title only).
         min_dice, flag_dice: the ``register`` thresholds, drawn as vertical lines.
     """
+    from pipeline.qc import KEPT
+
     figure = Figure(figsize=(6.4, 3.0))
     ax = figure.add_subplot()
     dice = pd.to_numeric(qc.get("register_dice", pd.Series(dtype=float)), errors="coerce")
-    groups = [(status, dice[(qc["status"] == status) & dice.notna()].to_numpy()) for status in ("ok", "flagged")]
+    groups = [(status, dice[(qc["status"] == status) & dice.notna()].to_numpy()) for status in KEPT]
     values = np.concatenate([v for _, v in groups]) if any(v.size for _, v in groups) else np.zeros(0)
     lo = min(float(values.min()) if values.size else 1.0, min_dice) - 0.02
     bins = np.linspace(lo, 1.0, 41)
@@ -195,7 +198,7 @@ def registration_dice(qc: pd.DataFrame, min_dice: float, flag_dice: float) -> Fi
     ax.axvline(flag_dice, color="#dd8452", linestyle=":", linewidth=1)
     ax.text(min_dice, ax.get_ylim()[1] * 0.95, " min_dice (failed below)", color="#c44e52", fontsize=8, va="top")
     ax.text(flag_dice, ax.get_ylim()[1] * 0.8, " flag_dice", color="#dd8452", fontsize=8, va="top")
-    failed = int(((qc["status"] != "ok") & (qc["status"] != "flagged")).sum())
+    failed = int((~qc["status"].isin(KEPT)).sum())
     ax.set_title(f"registration Dice of the warped atlas ({failed} subject(s) not kept, not shown)", fontsize=10)
     ax.set_xlabel("Dice with the subject's lungs")
     ax.set_ylabel("subjects")
