@@ -28,8 +28,12 @@ include: "pipeline/rules/locmap.smk"
 include: "pipeline/rules/report.smk"
 
 
+if APPLY_BUNDLE:
+
+    include: "pipeline/rules/apply.smk"
+
+
 rule all:
     input:
-        LAYOUT.report(),
-        LAYOUT.qc_table(),
+        final_targets(),
     default_target: True

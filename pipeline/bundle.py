@@ -325,6 +325,42 @@ def read_bundle(root: str | Path) -> Bundle:
     return Bundle(root=root, run=run, preprocessing=spec, config=config, encoder=encoder, graph=graph)
 
 
+#: Config sections a bundle fixes when it is applied: how a scan becomes the encoder's input, and the run.
+APPLIED_SECTIONS = ("ingest", "lung", "atlas", "register", "patches", "train", "runs")
+
+
+def workflow_config(config: dict[str, Any], root: str | Path) -> dict[str, Any]:
+    """The workflow's config when it applies the bundle at ``root`` (``apply.bundle``).
+
+    The bundle's preprocessing sections, training settings and run replace ``config``'s
+    (:data:`APPLIED_SECTIONS`), its atlas is used as ``atlas.reference``, and pooling is ``mean``
+    (plus ``gnn`` when the run has a graph stage); the cohort, paths and other sections stay the
+    user's. Only ``config.yaml`` is read here (cheap, at DAG time); the weights are checked by
+    :func:`read_bundle` when the ``unbundle`` job runs.
+
+    Raises:
+        ConfigError: the bundle or its config.yaml is missing or unreadable (one line).
+    """
+    import yaml
+
+    from pipeline.config import run_settings, validate_config
+
+    path = Path(root) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"apply.bundle: {path} does not exist (a bundle is written by `copdssl export`)")
+    try:
+        bundled = validate_config(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"apply.bundle: cannot parse {path}: {' '.join(str(error).split())[:200]}") from None
+    applied = {**config, **{section: bundled[section] for section in APPLIED_SECTIONS}}
+    applied["atlas"] = {**bundled["atlas"], "reference": str(root)}
+    (run,) = bundled["runs"]
+    graph = run_settings(bundled, run)["graph"]["enabled"]
+    applied["pool"] = {**config["pool"], "methods": ["mean"] + (["gnn"] if graph else [])}
+    applied["report"] = {**config["report"], "location_map_runs": []}
+    return validate_config(applied)
+
+
 def _load_checked(module, state: dict[str, Any], path: Path) -> None:
     """Load ``state`` into ``module``; it must fit exactly: same keys, same shapes (one-line ``ConfigError`` if not)."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}

@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "export": ("pipeline.bundle", "write a trained run as a bundle (safetensors, atlas, preprocessing.json, model card)",
                None),
     "apply": ("pipeline.apply", "embed new scans with a bundle: preprocess, embed, pool, QC (no training)", None),
+    "unbundle": ("pipeline.unbundle", "write a bundle's weights as a run's checkpoints (the workflow's apply mode)",
+                 None),
 }
 
 

@@ -176,10 +176,55 @@ def test_bad_settings_are_config_errors():
 
     assert validate_section("register", {}) == {"min_dice": 0.6, "flag_dice": 0.85, "flag_mad": 3.0, "max_scale": 2.0,
                                                 "iterations": 200, "shrink_factors": [4, 2, 1],
-                                                "working_spacing_mm": 5.0}
+                                                "working_spacing_mm": 5.0,
+                                                "deformable": {"enabled": False, "grid_spacing_mm": 80.0,
+                                                               "iterations": 100}}
     for settings, key in (({"min_dice": 1.5}, "min_dice"), ({"shrink_factors": []}, "shrink_factors"),
                           ({"shrink_factors": [2, 0]}, "shrink_factors"), ({"iterations": 0}, "iterations"),
                           ({"working_spacing_mm": 0}, "working_spacing_mm"), ({"max_scale": 1.0}, "max_scale"),
+                          ({"deformable": {"grid_spacing_mm": 0}}, "deformable.grid_spacing_mm"),
                           ({"flag_mad": 0}, "flag_mad")):
         with pytest.raises(ConfigError, match=f"register.{key}"):
             validate_section("register", settings)
+
+
+def _bent_subject(chest):
+    """The chest's lungs bent by a smooth non-affine displacement: medial parts pulled down, lateral parts up."""
+    pull = sitk.BSplineTransformInitializer(chest.labels, [2, 2, 2], order=3)
+    n = 5  # control points per axis of a 2x2x2 cubic mesh
+    params = np.zeros(3 * n ** 3)
+    for ix in range(n):
+        params[2 * n ** 3 + ix + n * np.arange(n * n)] = 80.0 * np.cos(np.pi * (ix - 2) / 2)  # z coefficients
+    pull.SetParameters(tuple(params))
+    return sitk.Resample(chest.labels, chest.labels, pull, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8), pull
+
+
+def test_deformable_refinement_follows_anatomy_the_affine_cannot(tmp_path):
+    from pipeline.ct_io import write_volume
+    from pipeline.patches import patch_corners
+
+    chest = synthetic_chest(4.0, seed=1)
+    atlas = crop_atlas(chest.labels, margin=6)
+    write_volume(atlas, tmp_path / "atlas.nii.gz")
+    bent, pull = _bent_subject(chest)  # subject(q) = chest(pull(q)): an atlas point p sits where pull(q) = p
+    write_volume(bent, tmp_path / "lung.nii.gz")
+    (tmp_path / "lung_ok.json").write_text(json.dumps({"sid": "S", "stage": "lung", "status": "ok"}))
+    affine = _run(tmp_path, "AFF", min_dice=0.6)
+    refined = _run(tmp_path, "DEF", min_dice=0.6, deformable={"enabled": True, "iterations": 40})
+    assert affine["status"] == refined["status"] == "ok"
+    assert affine["dice"] < 0.95 and refined["dice"] >= affine["dice"] + 0.03, (affine["dice"], refined["dice"])
+    assert refined["deformable"]["kept_affine"] is False and "deformable" not in affine
+    transform = read_transform(tmp_path / "DEF.tfm")
+    assert transform.GetName() == "CompositeTransform"
+    subject = sitk.ReadImage(str(tmp_path / "lung.nii.gz"))
+    assert label_dice(atlas, subject, transform)["dice"] == pytest.approx(refined["dice"], abs=1e-4)
+    # the patches are cut at the refined centres, which are closer to where the atlas points really went
+    points = np.argwhere(sitk.GetArrayViewFromImage(atlas) > 0)[::53][:, ::-1]
+    centres = np.array([atlas.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in points])
+
+    def error_mm(fitted):
+        return np.mean([np.linalg.norm(np.subtract(pull.TransformPoint(fitted.TransformPoint(p)), p)) for p in centres])
+
+    assert error_mm(transform) < 0.6 * error_mm(read_transform(tmp_path / "AFF.tfm"))
+    corners = patch_corners(centres, transform, subject, 4)
+    assert not np.array_equal(corners, patch_corners(centres, read_transform(tmp_path / "AFF.tfm"), subject, 4))

@@ -440,6 +440,33 @@ def test_apply_reproduces_the_pipeline_embeddings_and_embeds_a_new_cohort(tiny_r
     assert all(ours[sid] == pooled[sid] for sid in trained)
 
 
+def test_apply_mode_of_the_workflow_reproduces_the_trained_run(tiny_run, tiny_bundle):
+    """`snakemake` with apply.bundle (config/apply.yaml): per-subject preprocessing with the bundle's
+    settings and atlas, the bundle's weights instead of training, then embed and pool."""
+    import numpy as np
+
+    directory, config = tiny_run
+    applied = directory / "apply.yaml"
+    settings = {**yaml.safe_load(config.read_text()), "apply": {"bundle": str(tiny_bundle)},
+                "work_dir": "work_apply", "results_dir": "results_apply"}
+    applied.write_text(yaml.safe_dump(settings))
+    dry = snakemake(directory, applied, "-n")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = jobs_of(dry.stdout + dry.stderr)
+    n = TINY["synthetic"]["n_subjects"]
+    assert jobs["ingest"] == jobs["register"] == jobs["patches"] == n and jobs["unbundle"] == 1
+    assert not {"train", "train_graph", "evaluate", "report", "cohort"} & set(jobs), jobs
+    assert jobs["embed"] == 1 and jobs["pool"] == 2  # the bundle's run only, mean and gnn pooling
+    result = snakemake(directory, applied, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    ours, trained = Layout(directory / "work_apply"), Layout(directory / "work")
+    for path in sorted((directory / "work" / "runs" / "moco" / "embeddings").glob("*.npy")):
+        assert np.array_equal(np.load(ours.embedding("moco", path.stem)), np.load(path)), path.stem
+    for pooling in ("mean", "gnn"):
+        assert ours.features("moco", pooling).read_text() == trained.features("moco", pooling).read_text(), pooling
+    assert len(read_tsv(directory / "results_apply" / "qc.tsv")) == n
+
+
 @pytest.mark.parametrize("damage, message", [
     ("missing weights", r"encoder\.safetensors does not exist"),
     ("truncated weights", r"encoder\.safetensors is not a readable safetensors file"),

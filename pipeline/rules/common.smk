@@ -15,6 +15,7 @@ import re
 gc.set_threshold(10_000, 10, 100)
 
 from pipeline.baselines import BASELINE_POOLING, combined_name, split_combined
+from pipeline.bundle import workflow_config
 from pipeline.config import location_map_runs, run_settings, validate_config
 from pipeline.layout import Layout
 from pipeline.register import FIT_KEYS as REGISTER_FIT_KEYS
@@ -29,6 +30,11 @@ from pipeline.template import atlas_sample
 
 # Validate against config/schema/config.schema.yaml and fill defaults (one-line error naming the key).
 _validated = validate_config(config)
+# Apply mode (apply.bundle): the bundle's preprocessing, atlas and run replace the config's, and the
+# workflow embeds the cohort with the bundle's weights instead of training (pipeline/rules/apply.smk).
+APPLY_BUNDLE = _validated["apply"]["bundle"]
+if APPLY_BUNDLE:
+    _validated = workflow_config(_validated, APPLY_BUNDLE)
 config.clear()
 config.update(_validated)
 
@@ -173,3 +179,11 @@ def report_figures():
     from pipeline.report.figures import figure_names
 
     return {name: os.path.join(FIGURES, f"{name}.png") for name in figure_names(config)}
+
+
+def final_targets():
+    """What `snakemake` builds by default: the report and the QC table, or, applying a bundle, the
+    bundle run's pooled features and the QC table."""
+    if APPLY_BUNDLE:
+        return [LAYOUT.features(run, pooling) for run, pooling in FEATURE_SETS] + [LAYOUT.qc_table()]
+    return [LAYOUT.report(), LAYOUT.qc_table()]
