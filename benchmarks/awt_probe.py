@@ -1,22 +1,29 @@
-"""Do the stored patches carry airway-wall thickness (awt)? A diagnostic of the science benchmark.
+"""Do the stored patches carry the disease, and in a form a CNN with mean pooling can express?
 
     python -m benchmarks.awt_probe [--cohort-seed 1002]
 
-For every subject of the science benchmark's preprocessed cohort
-(``benchmarks/out/science/seed<seed>/``), it computes eight hand-written high-attenuation
-statistics of the lung voxels of all its stored patches (the share of lung voxels above -700,
--500, -300 and -100 HU; the 85th, 90th, 95th and 99th HU percentiles), and reads the true ``awt``
-from them with ``StandardScaler + RidgeCV`` (5-fold CV, 3 repeats). A high R² means the
-information is in what the encoder sees, so an encoder that cannot be taught awt (the supervised
-rung) is limited by itself, its input normalisation or its pooling, not by the patches.
-The result goes to ``benchmarks/science/seed<seed>/awt_probe.json`` (docs/science.md).
+A diagnostic of the science benchmark. For every subject of its preprocessed cohort
+(``benchmarks/out/science/seed<seed>/``), two hand-written feature sets of the stored patches
+are read out against the truth (``cle``, ``pse``, ``awt``) with ``StandardScaler + RidgeCV``
+(5-fold CV, 3 repeats):
+
+- ``high_attenuation``: eight statistics of the *lung voxels* of all its patches (the share above
+  -700, -500, -300 and -100 HU; the 85th, 90th, 95th and 99th HU percentiles);
+- ``voxel_counts``: the share of *all* voxels of the lung-masked patches (non-lung voxels at the
+  encoder's fill value, -850 HU) above eight thresholds from -950 to -100 HU. Each is a per-voxel
+  step function averaged over the patch and then over the locations: what one convolution with a
+  steep nonlinearity, global average pooling and mean pooling over locations can express.
+
+A high R² means the information is in what the encoder sees, in a form its architecture can
+hold; an encoder that cannot be *taught* it (the supervised rung) is then limited by training,
+not by the patches or the architecture. The result goes to
+``benchmarks/science/seed<seed>/awt_probe.json`` (docs/science.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -24,12 +31,21 @@ from benchmarks.science import OUT_DIR, RESULTS_DIR
 
 THRESHOLDS_HU = (-700, -500, -300, -100)
 PERCENTILES = (85, 90, 95, 99)
+COUNT_THRESHOLDS_HU = (-950, -910, -850, -700, -600, -500, -300, -100)
+FILL_HU = -850.0  # models.intensity.PatchInput.fill_hu: what masked non-lung voxels become
+FACTORS = ("cle", "pse", "awt")
 
 
 def subject_statistics(patches: np.ndarray, masks: np.ndarray) -> list[float]:
     """The eight statistics of the lung voxels of one subject's patches ``[P, S, S, S]`` (HU, bool masks)."""
     lung = patches[masks].astype(np.float32)
     return [float((lung > t).mean()) for t in THRESHOLDS_HU] + [float(v) for v in np.percentile(lung, PERCENTILES)]
+
+
+def voxel_counts(patches: np.ndarray, masks: np.ndarray) -> list[float]:
+    """Share of all voxels of the masked patches ``[P, S, S, S]`` above each of :data:`COUNT_THRESHOLDS_HU`."""
+    masked = np.where(masks, patches.astype(np.float32), FILL_HU)
+    return [float((masked > t).mean()) for t in COUNT_THRESHOLDS_HU]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,20 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = OUT_DIR / f"seed{args.cohort_seed}"
     truth = pd.read_csv(base / "data" / "truth.tsv", sep="\t").set_index("sid")
-    rows = {}
+    rows: dict[str, dict[str, list[float]]] = {"high_attenuation": {}, "voxel_counts": {}}
     for path in sorted((base / "work" / "patches").glob("*.npy")):
         if path.stat().st_size == 0:
             continue  # a tombstone: the subject failed preprocessing
         patches = np.load(path)
         masks = unpack_masks(np.load(base / "work" / "patches_lung" / path.name), patches.shape[-1]).astype(bool)
-        rows[path.stem] = subject_statistics(patches, masks)
-    features = pd.DataFrame.from_dict(rows, orient="index")
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    scores = cross_val_score(model, features, truth.loc[features.index, "awt"],
-                             cv=RepeatedKFold(n_splits=5, n_repeats=3, random_state=0), scoring="r2")
-    result = {"cohort_seed": args.cohort_seed, "subjects": len(features), "awt_r2_mean": round(float(scores.mean()), 3),
-              "awt_r2_sd": round(float(scores.std(ddof=1)), 3), "thresholds_hu": THRESHOLDS_HU,
-              "percentiles": PERCENTILES, "command": "python -m benchmarks.awt_probe"}
+        rows["high_attenuation"][path.stem] = subject_statistics(patches, masks)
+        rows["voxel_counts"][path.stem] = voxel_counts(patches, masks)
+    result = {"cohort_seed": args.cohort_seed, "subjects": len(rows["voxel_counts"]),
+              "thresholds_hu": THRESHOLDS_HU, "percentiles": PERCENTILES,
+              "count_thresholds_hu": COUNT_THRESHOLDS_HU, "fill_hu": FILL_HU,
+              "command": f"python -m benchmarks.awt_probe --cohort-seed {args.cohort_seed}"}
+    for name, table in rows.items():
+        features = pd.DataFrame.from_dict(table, orient="index")
+        for factor in FACTORS:
+            model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+            scores = cross_val_score(model, features, truth.loc[features.index, factor],
+                                     cv=RepeatedKFold(n_splits=5, n_repeats=3, random_state=0), scoring="r2")
+            result[f"{name}_{factor}_r2"] = [round(float(scores.mean()), 3), round(float(scores.std(ddof=1)), 3)]
     out = RESULTS_DIR / f"seed{args.cohort_seed}" / "awt_probe.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

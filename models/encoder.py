@@ -27,12 +27,21 @@ class ConvBackbone(nn.Module):
         widths: output channels of each stage (default 8, 16, 32, 64, 128).
         spatial_dims: 1, 2 or 3 (picks ``nn.Conv{d}d`` / ``nn.BatchNorm{d}d``, as MONAI's
             ``Conv``/``Norm`` factories do, without paying for importing MONAI).
+        multiscale: return the global average of *every* stage's feature map, concatenated,
+            instead of the last stage's only. The first stages' averages are, after their
+            nonlinearity, soft counts of voxels in an intensity range with a given local texture:
+            tail fractions of the patch histogram (emphysema below -950 HU, airway walls and
+            vessels above -700 HU) stay linear features instead of being squeezed through four
+            stride-2 stages (docs/science.md, "Encoder capacity").
 
-    Shapes: ``x`` [N, C, S, S, S] (for spatial_dims 3) -> [N, widths[-1]]. Any S >= 1 works
-    (S = 8, 16, 32 in practice); a stride-2 convolution with padding 1 maps size s to ceil(s/2).
+    Shapes: ``x`` [N, C, S, S, S] (for spatial_dims 3) -> [N, D] with D = widths[-1], or
+    sum(widths) with ``multiscale``. Any S >= 1 works (S = 8, 16, 32 in practice); a stride-2
+    convolution with padding 1 maps size s to ceil(s/2). The parameters do not depend on
+    ``multiscale``.
     """
 
-    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 64, 128), spatial_dims: int = 3):
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32, 64, 128), spatial_dims: int = 3,
+                 multiscale: bool = False):
         super().__init__()
         if int(in_channels) < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels!r}")
@@ -50,11 +59,20 @@ class ConvBackbone(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         self.spatial_dims = spatial_dims
-        self.out_dim = widths[-1]
+        self.multiscale = bool(multiscale)
+        self.out_dim = sum(widths) if self.multiscale else widths[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [N, C, *spatial] -> [N, out_dim] (global average of the last feature map)."""
-        return self.features(x).flatten(2).mean(dim=2)
+        """x [N, C, *spatial] -> [N, out_dim] (global average of the last feature map, or of every
+        stage's map concatenated with ``multiscale``)."""
+        if not self.multiscale:
+            return self.features(x).flatten(2).mean(dim=2)
+        pooled = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 3 == 2:  # after each stage's Conv + BatchNorm + ELU
+                pooled.append(x.flatten(2).mean(dim=2))
+        return torch.cat(pooled, dim=1)
 
 
 def _accepted_parameters(cls: type) -> set[str]:
@@ -102,7 +120,7 @@ def _monai_network(net: str, widths: Sequence[int], patch_size: int, feature_dim
 
 
 def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_dim: int, in_channels: int = 1,
-                   **kwargs: Any) -> tuple[nn.Module, int]:
+                   multiscale: bool = False, **kwargs: Any) -> tuple[nn.Module, int]:
     """Build a backbone mapping [N, C, S, S, S] patches (C = ``in_channels``) to [N, D] vectors.
 
     Args:
@@ -112,6 +130,7 @@ def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_di
             network takes one; for ``monai:ResNet`` also ``block='basic'``, ``layers=(1, 1, 1, 1)``
             and ``block_inplanes`` = the last four widths. ``kwargs`` override these.
         widths: stage widths; patch_size: S; feature_dim: output size asked of MONAI networks.
+        multiscale: the conv backbone's every-stage pooling (:class:`ConvBackbone`).
 
     Returns:
         ``(module, D)``; D is measured with a dry run on a [2, 1, S, S, S] zero batch, which
@@ -127,8 +146,11 @@ def build_backbone(name: str, widths: Sequence[int], patch_size: int, feature_di
     if name == "conv":
         if kwargs:
             raise ValueError(f"backbone 'conv' takes no backbone_kwargs, got {', '.join(sorted(kwargs))}")
-        module: nn.Module = ConvBackbone(in_channels=in_channels, widths=widths, spatial_dims=3)
+        module: nn.Module = ConvBackbone(in_channels=in_channels, widths=widths, spatial_dims=3,
+                                         multiscale=multiscale)
     elif isinstance(name, str) and name.startswith("monai:") and len(name) > len("monai:"):
+        if multiscale:
+            raise ValueError(f"encoder.multiscale is a property of the 'conv' backbone, not of {name!r}")
         module = _monai_network(name[len("monai:"):], widths, patch_size, feature_dim, in_channels, **kwargs)
     else:
         raise ValueError(f"unknown backbone {name!r}; use {BACKBONE_HELP}")
@@ -226,7 +248,8 @@ def _encoder_from_settings(encoder: dict[str, Any], patch_size: int, in_channels
     feature_dim = int(encoder.get("feature_dim", 128))
     backbone, backbone_dim = build_backbone(encoder.get("backbone", "conv"),
                                             encoder.get("widths", (8, 16, 32, 64, 128)), patch_size,
-                                            feature_dim, in_channels, **dict(encoder.get("backbone_kwargs") or {}))
+                                            feature_dim, in_channels, multiscale=bool(encoder.get("multiscale", False)),
+                                            **dict(encoder.get("backbone_kwargs") or {}))
     return PatchEncoder(backbone, backbone_dim, feature_dim=feature_dim,
                         projection_dim=int(encoder.get("projection_dim", 128)),
                         use_location=bool(encoder.get("use_location", True)))

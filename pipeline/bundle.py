@@ -188,7 +188,7 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
 
     from models.checkpoint import IGNORED_KEYS, load
     from pipeline.atlas import load_grid
-    from pipeline.config import run_settings
+    from pipeline.config import run_settings, validate_section
     from pipeline.report.tables import config_hash
     from pipeline.status import passed_subjects
 
@@ -200,7 +200,9 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
             raise ConfigError(f"export: {what} {path} does not exist; run the workflow first")
     saved = load(layout.encoder(run))
     train = run_settings(config, run)
-    trained = {k: v for k, v in saved["settings"].items() if k not in IGNORED_KEYS}
+    # the saved settings with schema defaults added since training filled in (a new key's default
+    # is, by the schema's contract, the behaviour the run was trained with)
+    trained = {k: v for k, v in validate_section("train", saved["settings"]).items() if k not in IGNORED_KEYS}
     configured = {k: v for k, v in train.items() if k not in IGNORED_KEYS}
     if trained != configured:
         differing = sorted(k for k in set(trained) | set(configured) if trained.get(k) != configured.get(k))

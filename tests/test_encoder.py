@@ -36,6 +36,23 @@ def test_conv_backbone_follows_spatial_dims():
     assert any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
 
 
+def test_multiscale_backbone_concatenates_the_average_of_every_stage():
+    torch.manual_seed(0)
+    plain = ConvBackbone(widths=(4, 6, 8)).eval()
+    multiscale = ConvBackbone(widths=(4, 6, 8), multiscale=True).eval()
+    multiscale.load_state_dict(plain.state_dict())  # the same parameters: only the read-out differs
+    x, _ = _batch(2, 16)
+    out = multiscale(x)
+    assert out.shape == (2, 18) and multiscale.out_dim == 18
+    first_stage = plain.features[:3](x).flatten(2).mean(dim=2)  # Conv + BatchNorm + ELU of stage 1
+    assert torch.allclose(out[:, :4], first_stage, atol=1e-6)
+    assert torch.allclose(out[:, -8:], plain(x), atol=1e-6)  # the last stage's average, as without it
+    encoder = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12, "multiscale": True}, 16, seed=0)
+    assert encoder.backbone.out_dim == 18 and encoder.embed(x).shape == (2, 12)
+    with pytest.raises(ValueError, match="multiscale is a property of the 'conv' backbone"):
+        build_backbone("monai:ResNet", (4, 6, 8, 16), 16, 12, multiscale=True)
+
+
 @pytest.mark.parametrize("kwargs, word", [({"widths": ()}, "widths"), ({"widths": (4, 0)}, "widths"),
                                           ({"in_channels": 0}, "in_channels"), ({"spatial_dims": 4}, "spatial_dims")])
 def test_conv_backbone_rejects_bad_values(kwargs, word):

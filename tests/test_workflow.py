@@ -403,6 +403,26 @@ def test_export_writes_a_self_describing_bundle(tiny_bundle):
     assert "| mean | logFEV1pp | r2 |" in card and "Intended use and limitations" in card
 
 
+def test_export_accepts_a_run_trained_before_a_schema_default_was_added(tiny_run, tmp_path):
+    """A checkpoint whose saved settings lack a key the schema gained later (here encoder.multiscale,
+    whose default is the old behaviour) still exports: the defaults are filled in before comparing."""
+    import torch
+
+    directory, config = tiny_run
+    path = directory / "work" / "runs" / "moco" / "encoder.pt"
+    original, stat = path.read_bytes(), path.stat()
+    try:
+        saved = torch.load(path, weights_only=True)
+        del saved["settings"]["encoder"]["multiscale"]
+        torch.save(saved, path)
+        result = copdssl(directory, "export", "--config", str(config), "--run", "moco", "--out", str(tmp_path / "b"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "b" / "encoder.safetensors").is_file()
+    finally:  # the module's other tests share this run: restore the file and its time stamps
+        path.write_bytes(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def test_apply_reproduces_the_pipeline_embeddings_and_embeds_a_new_cohort(tiny_run, tiny_bundle, tmp_path):
     from pipeline.synth.cohort import write_subject
     from pipeline.synth.plan import plan_cohort
