@@ -32,11 +32,6 @@ def read_status(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(path)
 
 
-def is_ok(path: str | os.PathLike) -> bool:
-    """True when the status file at ``path`` says the stage succeeded."""
-    return read_status(path).get("status") == OK
-
-
 def first_problem(status_paths: Iterable[str | os.PathLike]) -> dict[str, Any] | None:
     """The first upstream status that is not ``ok`` (or ``None`` when all are ok)."""
     for path in status_paths:
@@ -44,11 +39,6 @@ def first_problem(status_paths: Iterable[str | os.PathLike]) -> dict[str, Any] |
         if status.get("status") != OK:
             return status
     return None
-
-
-def ok_subjects(status_paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Subject IDs whose status is ``ok``, in the given order."""
-    return [s["sid"] for s in map(read_status, status_paths) if s.get("status") == OK]
 
 
 def passed_subjects(layout, sids: Iterable[str], stage: str, missing: str = "error") -> list[str]:
