@@ -477,6 +477,8 @@ def test_apply_mode_of_the_workflow_reproduces_the_trained_run(tiny_run, tiny_bu
     assert jobs["ingest"] == jobs["register"] == jobs["patches"] == n and jobs["unbundle"] == 1
     assert not {"train", "train_graph", "evaluate", "report", "cohort"} & set(jobs), jobs
     assert jobs["embed"] == 1 and jobs["pool"] == 2  # the bundle's run only, mean and gnn pooling
+    lint = snakemake(directory, applied, "--lint")
+    assert "Congratulations, your workflow is in a good condition" in lint.stdout + lint.stderr, lint.stdout[-3000:]
     result = snakemake(directory, applied, "--cores", "2")
     assert result.returncode == 0, result.stderr[-5000:]
     ours, trained = Layout(directory / "work_apply"), Layout(directory / "work")

@@ -6,15 +6,15 @@
 
 rule unbundle:
     input:
-        os.path.join(APPLY_BUNDLE, "encoder.safetensors"),
-        os.path.join(APPLY_BUNDLE, "preprocessing.json"),
+        weights=os.path.join(APPLY_BUNDLE, "encoder.safetensors"),
+        spec=os.path.join(APPLY_BUNDLE, "preprocessing.json"),
     output:
         [LAYOUT.encoder(run) for run in RUNS] + [LAYOUT.graph_model(run) for run in RUNS if graph_enabled(run)],
     log:
         LAYOUT.logs("unbundle"),
     params:
         work=LAYOUT.work,
-        bundle=APPLY_BUNDLE,
+        bundle=lambda wildcards, input: os.path.dirname(input.spec),
     conda:
         "../../environment.yml"
     shell:
