@@ -129,6 +129,35 @@ def soft_dice(fixed, moving, transform) -> float:
     return float(2.0 * (f * m).sum() / max(float(f.sum() + m.sum()), 1e-12))
 
 
+def _fraction_image_method(shrink_factors, working_spacing_mm: float):
+    """The registration set-up both fits share: MeanSquares on lung-fraction images with regular
+    sampling (fixed seed, one thread: deterministic), linear interpolation, and a pyramid of
+    ``shrink_factors`` of the working grid, each smoothed by half its shrunk voxel size (in mm).
+    The caller sets the optimiser and the transforms."""
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(1)
+    method.SetMetricAsMeanSquares()
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(SAMPLING_PERCENTAGE, SAMPLING_SEED)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetShrinkFactorsPerLevel([int(f) for f in shrink_factors])
+    method.SetSmoothingSigmasPerLevel([0.5 * f * working_spacing_mm for f in shrink_factors])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def affine_part(transform):
+    """The affine of a transform: itself, or the first of a composite (what an ITK optimiser returns,
+    or the affine + B-spline this stage writes with ``register.deformable``)."""
+    import SimpleITK as sitk
+
+    if transform.GetName() == "CompositeTransform":
+        transform = sitk.CompositeTransform(transform).GetNthTransform(0)
+    return sitk.AffineTransform(transform)
+
+
 def register_masks(atlas_labels, subject_labels, *, shrink_factors=(4, 2, 1), iterations: int = 200,
                    working_spacing_mm: float = WORKING_SPACING_MM):
     """Affine transform mapping atlas physical points to subject physical points.
@@ -157,18 +186,10 @@ def register_masks(atlas_labels, subject_labels, *, shrink_factors=(4, 2, 1), it
     moving = lung_fraction_image(subject_labels, working_spacing_mm)
     initial = moments_affine(fixed, moving)
 
-    method = sitk.ImageRegistrationMethod()
-    method.SetNumberOfThreads(1)
-    method.SetMetricAsMeanSquares()
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(SAMPLING_PERCENTAGE, SAMPLING_SEED)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = _fraction_image_method(shrink_factors, working_spacing_mm)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=int(iterations),
                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(shrink_factors)
-    method.SetSmoothingSigmasPerLevel([0.5 * s * working_spacing_mm for s in shrink_factors])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(sitk.AffineTransform(initial), inPlace=False)
     counter = {"iterations": 0}
 
@@ -176,10 +197,7 @@ def register_masks(atlas_labels, subject_labels, *, shrink_factors=(4, 2, 1), it
         counter["iterations"] += 1
 
     method.AddCommand(sitk.sitkIterationEvent, count)
-    result = method.Execute(fixed, moving)
-    if result.GetName() == "CompositeTransform":
-        result = sitk.CompositeTransform(result).GetNthTransform(0)
-    optimised = sitk.AffineTransform(result)
+    optimised = affine_part(method.Execute(fixed, moving))
     dice_init, dice_opt = soft_dice(fixed, moving, initial), soft_dice(fixed, moving, optimised)
     kept_initial = dice_opt < dice_init
     info = {"iterations": counter["iterations"], "metric": float(method.GetMetricValue()),
@@ -213,19 +231,11 @@ def refine_deformable(atlas_labels, subject_labels, affine, *, grid_spacing_mm: 
     extent = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
     mesh = [max(1, int(round(e / float(grid_spacing_mm)))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    method = sitk.ImageRegistrationMethod()
-    method.SetNumberOfThreads(1)
-    method.SetMetricAsMeanSquares()
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(SAMPLING_PERCENTAGE, SAMPLING_SEED)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=int(iterations),
-                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * int(iterations))
     # the control points are grid_spacing_mm apart: a grid twice as coarse as the affine's fine level
     # samples them amply, at an eighth of the cost per evaluation
-    method.SetShrinkFactorsPerLevel([2])
-    method.SetSmoothingSigmasPerLevel([working_spacing_mm])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method = _fraction_image_method((2,), working_spacing_mm)
+    method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=int(iterations),
+                                maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * int(iterations))
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(bspline, inPlace=True)
     method.Execute(fixed, moving)
@@ -235,15 +245,6 @@ def refine_deformable(atlas_labels, subject_labels, affine, *, grid_spacing_mm: 
     info = {"soft_dice_affine": round(dice_affine, 4), "soft_dice": round(max(dice_refined, dice_affine), 4),
             "kept_affine": bool(kept_affine), "bspline_mesh": mesh}
     return (affine if kept_affine else refined), info
-
-
-def affine_part(transform):
-    """The affine of a transform written by this stage (itself, or the first of an affine + B-spline composite)."""
-    import SimpleITK as sitk
-
-    if transform.GetName() == "CompositeTransform":
-        transform = sitk.CompositeTransform(transform).GetNthTransform(0)
-    return sitk.AffineTransform(transform)
 
 
 def label_dice(atlas_labels, subject_labels, transform) -> dict[str, float]:
