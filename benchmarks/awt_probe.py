@@ -10,9 +10,10 @@ are read out against the truth (``cle``, ``pse``, ``awt``) with ``StandardScaler
 - ``high_attenuation``: eight statistics of the *lung voxels* of all its patches (the share above
   -700, -500, -300 and -100 HU; the 85th, 90th, 95th and 99th HU percentiles);
 - ``voxel_counts``: the share of *all* voxels of the lung-masked patches (non-lung voxels at the
-  encoder's fill value, -850 HU) above eight thresholds from -950 to -100 HU. Each is a per-voxel
-  step function averaged over the patch and then over the locations: what one convolution with a
-  steep nonlinearity, global average pooling and mean pooling over locations can express.
+  encoder's fill value, ``PatchInput.fill_hu`` = -850 HU) above eight thresholds from -950 to
+  -100 HU. Each is a per-voxel step function averaged over the patch and then over the
+  locations: what one convolution with a steep nonlinearity, global average pooling and mean
+  pooling over locations can express.
 
 A high R² means the information is in what the encoder sees, in a form its architecture can
 hold; an encoder that cannot be *taught* it (the supervised rung) is then limited by training,
@@ -28,11 +29,12 @@ import json
 import numpy as np
 
 from benchmarks.science import OUT_DIR, RESULTS_DIR
+from models.intensity import PatchInput
 
 THRESHOLDS_HU = (-700, -500, -300, -100)
 PERCENTILES = (85, 90, 95, 99)
 COUNT_THRESHOLDS_HU = (-950, -910, -850, -700, -600, -500, -300, -100)
-FILL_HU = -850.0  # models.intensity.PatchInput.fill_hu: what masked non-lung voxels become
+FILL_HU = PatchInput.fill_hu  # what the encoder's lung masking sets non-lung voxels to
 FACTORS = ("cle", "pse", "awt")
 
 
