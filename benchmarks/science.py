@@ -251,7 +251,8 @@ def rows_of(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], st
 def assemble(results: Path) -> tuple[str, list]:
     """The markdown table of every saved rung of one cohort (in ladder order), and its rows."""
     rungs = load_rungs()
-    saved = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
+    records = (json.loads(p.read_text()) for p in sorted(results.glob("*.json")))
+    saved = {record["rung"]: record for record in records if "rung" in record}  # not e.g. awt_probe.json
     order = [name for name in rungs if name in saved] + sorted(set(saved) - set(rungs))
     records = [saved[name] for name in order]
     columns = [*LATENT, *NUISANCE, *OUTCOMES]

@@ -38,8 +38,10 @@ def test_a_circular_or_unknown_parent_is_an_error(tmp_path):
 def test_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(science, "OUT_DIR", tmp_path / "out")
     monkeypatch.setattr(science, "RESULTS_DIR", tmp_path / "results")
-    assert science.main(["--quick", "--rungs", "densitometry", "default", "supervised"]) == 0
     results = tmp_path / "results" / "seed1002-quick"
+    results.mkdir(parents=True)
+    (results / "awt_probe.json").write_text('{"cohort_seed": 1002}')  # another benchmark's file: not a rung
+    assert science.main(["--quick", "--rungs", "densitometry", "default", "supervised"]) == 0
     default = json.loads((results / "default.json").read_text())
     assert default["kind"] == "ssl" and default["quick"] and default["seconds"] > 0
     assert default["resolved"]["input"]["lung_mask"] and default["resolved"]["positives"]["neighbour_prob"] == 1.0
@@ -54,4 +56,4 @@ def test_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
     table = (results / "table.md").read_text().splitlines()
     labels = [line.split("|")[1].strip() for line in table[2:]]
     assert labels[:2] == ["densitometry", "default"] and "default (interior)" in labels and "supervised" in labels
-    assert len(table[0].split("|")) == len(table[2].split("|"))
+    assert len(table[0].split("|")) == len(table[2].split("|")) and "awt_probe" not in labels
