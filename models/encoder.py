@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.histogram import WithHistogram
+
 BACKBONE_HELP = "'conv' (the reference 3D CNN) or 'monai:<Network>' (a class in monai.networks.nets)"
 
 
@@ -234,7 +236,9 @@ def input_channels(settings: dict[str, Any]) -> int:
 def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | None = None,
                           in_channels: int = 1) -> PatchEncoder:
     """Build a :class:`PatchEncoder` from the ``train.encoder`` config section (schema defaults
-    apply to missing keys) for ``in_channels`` input channels (see :func:`input_channels`). With
+    apply to missing keys) for ``in_channels`` input channels (see :func:`input_channels`); with
+    ``histogram_bins`` > 0 the backbone's output is extended by a learnable soft histogram of the
+    input (:class:`models.histogram.WithHistogram`). With
     ``seed``, the initial weights are drawn from a seeded RNG (the global RNG state is saved and
     restored, so callers see no side effect)."""
     if seed is None:
@@ -250,6 +254,10 @@ def _encoder_from_settings(encoder: dict[str, Any], patch_size: int, in_channels
                                             encoder.get("widths", (8, 16, 32, 64, 128)), patch_size,
                                             feature_dim, in_channels, multiscale=bool(encoder.get("multiscale", False)),
                                             **dict(encoder.get("backbone_kwargs") or {}))
+    bins = int(encoder.get("histogram_bins", 0))
+    if bins:
+        backbone = WithHistogram(backbone, in_channels, bins)
+        backbone_dim += backbone.histogram.out_dim
     return PatchEncoder(backbone, backbone_dim, feature_dim=feature_dim,
                         projection_dim=int(encoder.get("projection_dim", 128)),
                         use_location=bool(encoder.get("use_location", True)))

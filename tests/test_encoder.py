@@ -53,6 +53,46 @@ def test_multiscale_backbone_concatenates_the_average_of_every_stage():
         build_backbone("monai:ResNet", (4, 6, 8, 16), 16, 12, multiscale=True)
 
 
+def test_soft_histogram_counts_voxels_by_intensity():
+    from models.histogram import SoftHistogram
+
+    histogram = SoftHistogram(in_channels=2, bins=5)  # centres -1, -0.5, 0, 0.5, 1
+    x = torch.empty(1, 2, 4, 4, 4)
+    x[:, 0] = -1.0  # channel 0: every voxel on the first centre
+    x[:, 1, :2] = 0.25  # channel 1: half the voxels midway between the centres 0 and 0.5 ...
+    x[:, 1, 2] = 1.0  # ... a quarter on the last centre ...
+    x[:, 1, 3] = 1.7  # ... and a quarter beyond the range: counted in the edge bin
+    out = histogram(x)
+    assert out.shape == (1, 10) and histogram.out_dim == 10
+    expected = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0.25, 0.25, 0.5]])
+    assert torch.allclose(out, expected, atol=1e-6)
+    values = torch.rand(3, 2, 6, 6, 6) * 2 - 1  # anywhere in [-1, 1]: every voxel adds 1 per channel
+    shares = histogram(values).view(3, 2, 5)
+    assert torch.allclose(shares.sum(dim=2), torch.ones(3, 2), atol=1e-5)
+    # against the definition: the mean of max(0, 1 - |v - centre| / spacing) over the voxels
+    centres = torch.linspace(-1, 1, 5)
+    direct = torch.relu(1 - (values.flatten(2)[..., None] - centres).abs() / 0.5).mean(dim=2)  # 3x2x5
+    assert torch.allclose(shares, direct, atol=1e-5)
+    with pytest.raises(ValueError, match="bins must be >= 2"):
+        SoftHistogram(1, 1)
+    with pytest.raises(ValueError, match=r"expects \[N, 2"):
+        histogram(torch.zeros(1, 1, 4, 4, 4))
+
+
+def test_histogram_bins_extend_the_backbone_features():
+    from pipeline.config import validate_config
+
+    x, _ = _batch(2, 16)
+    plain = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12}, 16, seed=0)
+    encoder = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12, "histogram_bins": 8}, 16, seed=0)
+    features = encoder.backbone(x)
+    assert features.shape == (2, 8 + 8) and encoder.feature.in_features == 16
+    assert torch.allclose(features[:, 8:], encoder.backbone.histogram(x))
+    assert encoder.embed(x).shape == (2, 12) and plain.backbone(x).shape == (2, 8)
+    with pytest.raises(Exception, match="histogram_bins"):
+        validate_config({"train": {"encoder": {"histogram_bins": 1}}})
+
+
 @pytest.mark.parametrize("kwargs, word", [({"widths": ()}, "widths"), ({"widths": (4, 0)}, "widths"),
                                           ({"in_channels": 0}, "in_channels"), ({"spatial_dims": 4}, "spatial_dims")])
 def test_conv_backbone_rejects_bad_values(kwargs, word):
