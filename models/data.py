@@ -59,28 +59,6 @@ def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], 
     return sids, passed_subjects(layout, sids, "patches", missing="skip")
 
 
-def read_grid(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The atlas grid (``grid.npz``): ``locations`` float32 [P, 3], ``edges`` int64 [2, E],
-    ``edge_weight`` float32 [E] and ``patch_size`` (int), checked for consistency."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"atlas grid {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"locations", "edges", "edge_weight", "patch_size"} - set(data.files)
-        if missing:
-            raise ConfigError(f"atlas grid {path} lacks {', '.join(sorted(missing))}")
-        grid = {"locations": data["locations"].astype(np.float32), "edges": data["edges"].astype(np.int64),
-                "edge_weight": data["edge_weight"].astype(np.float32), "patch_size": int(data["patch_size"])}
-    p = grid["locations"].shape[0]
-    if grid["locations"].shape != (p, 3) or grid["edges"].ndim != 2 or grid["edges"].shape[0] != 2 \
-            or grid["edge_weight"].shape != (grid["edges"].shape[1],):
-        raise ConfigError(f"atlas grid {path}: locations {grid['locations'].shape}, edges {grid['edges'].shape} and "
-                          f"edge_weight {grid['edge_weight'].shape} must be [P, 3], [2, E] and [E]")
-    if grid["edges"].size and (grid["edges"].min() < 0 or grid["edges"].max() >= p):
-        raise ConfigError(f"atlas grid {path}: edge indices outside [0, {p})")
-    return grid
-
-
 # ---------------------------------------------------------------------------------------------
 # patch store
 # ---------------------------------------------------------------------------------------------

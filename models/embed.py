@@ -131,7 +131,8 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.data import patch_subjects, read_grid
+    from models.data import patch_subjects
+    from pipeline.grid import read_grid
     from models.train import resolve_device
     from pipeline.cli import stage_settings
     from pipeline.layout import Layout
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     layout = Layout(args.work)
     device = resolve_device(args.device or settings["device"])
     sids, ok_sids = patch_subjects(layout, args.subjects)
-    grid = read_grid(layout.grid())
+    grid = read_grid(layout.grid(), "locations")
     counts = embed_cohort(layout.encoder(args.run), layout, args.run, sids, ok_sids, grid["locations"],
                           batch_size=int(settings["batch_size"]), device=device)
     log.info("embed %s: %d subjects embedded, %d tombstones (patches not ok) on %s", args.run,

@@ -128,7 +128,8 @@ def train_graph(graph: dict[str, Any], store, edges: np.ndarray, edge_weight: np
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from models.data import PatchStore, patch_subjects, read_grid
+    from models.data import PatchStore, patch_subjects
+    from pipeline.grid import read_grid
     from models.graph import save_graph_encoder
     from models.train import resolve_device
     from pipeline.cli import stage_settings
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"run {args.run}: train.graph.enabled is false; the graph stage is not part of this run")
     layout = Layout(args.work)
     _, sids = patch_subjects(layout, args.subjects)
-    grid = read_grid(layout.grid())
+    grid = read_grid(layout.grid(), "locations", "edges", "edge_weight")
     paths = [layout.embedding(args.run, sid) for sid in sids]
     empty = [sid for sid, path in zip(sids, paths) if path.is_file() and os.path.getsize(path) == 0]
     if empty:

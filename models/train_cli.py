@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.data import PatchStore, patch_subjects, read_grid
+    from models.data import PatchStore, patch_subjects
+    from pipeline.grid import read_grid
     from models.distributed import cleanup, init_from_env
     from models.train import Trainer
     from pipeline.cli import stage_settings
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     _, sids = patch_subjects(layout, args.subjects)
     if len(sids) < 2:
         raise ConfigError(f"run {args.run}: training needs at least 2 subjects with ok patches, found {len(sids)}")
-    grid = read_grid(layout.grid())
+    grid = read_grid(layout.grid(), "locations", "edges", "patch_size")
     store = PatchStore([layout.patches(sid) for sid in sids], sids)
     if store.item_shape != (grid["patch_size"],) * 3:
         raise ConfigError(f"run {args.run}: patch files are {store.shape} but {layout.grid()} says patch_size "

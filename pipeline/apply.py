@@ -35,7 +35,7 @@ def apply_bundle(bundle_dir, manifest, out, *, device: str = "cpu", batch_size: 
     import shutil
 
     from models.embed import embed_cohort
-    from pipeline.atlas import load_grid
+    from pipeline.grid import read_grid
     from pipeline.bundle import read_bundle, write_checkpoints
     from pipeline.files import write_tsv
     from pipeline.ingest import run_ingest
@@ -75,7 +75,7 @@ def apply_bundle(bundle_dir, manifest, out, *, device: str = "cpu", batch_size: 
     sids = [s.sid for s in subjects]
     ok = passed_subjects(layout, sids, "patches", missing="skip")
     write_checkpoints(bundle, layout)
-    grid = load_grid(layout.grid())
+    grid = read_grid(layout.grid(), "locations")
     counts = embed_cohort(layout.encoder(run), layout, run, sids, ok, grid["locations"], batch_size=batch_size,
                           device=device)
     features = {}

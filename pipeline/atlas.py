@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, CopdsslError
+from pipeline.grid import read_grid
 from pipeline.layout import ATLAS_MASK_NAME, GRID_NAME
 
 log = logging.getLogger(__name__)
@@ -267,12 +268,6 @@ def build_grid(atlas, spec: GridSpec) -> dict[str, np.ndarray]:
     }
 
 
-def load_grid(path) -> dict[str, np.ndarray]:
-    """Read ``grid.npz`` into a dict of arrays (scalars as 0-d arrays)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
-
-
 # ---- stage ---------------------------------------------------------------------------------
 
 
@@ -370,7 +365,7 @@ def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str,
         raise ConfigError(f"config key 'atlas.{str(error).split()[0]}': {error}") from None
     if settings["reference"]:
         mask_path, grid_path = reference_files(settings["reference"])
-        grid = load_grid(grid_path)
+        grid = read_grid(grid_path)
         check_reference_grid(grid, spec, grid_path)
         read_volume(mask_path, None, STAGE)  # readable as a volume: a truncated file fails here with its path
         for source, target in ((mask_path, out_atlas), (grid_path, out_grid)):

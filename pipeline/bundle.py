@@ -187,8 +187,8 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
     from safetensors.torch import save_file
 
     from models.checkpoint import IGNORED_KEYS, load
-    from pipeline.atlas import load_grid
     from pipeline.config import run_settings, validate_section
+    from pipeline.grid import read_grid
     from pipeline.report.tables import config_hash
     from pipeline.status import passed_subjects
 
@@ -208,7 +208,7 @@ def export_bundle(config: dict[str, Any], layout: Layout, run: str, out: str | P
         differing = sorted(k for k in set(trained) | set(configured) if trained.get(k) != configured.get(k))
         raise ConfigError(f"export: {layout.encoder(run)} was trained with other settings than the config gives for "
                           f"run {run!r} (train.{', train.'.join(differing)}); pass the config the workflow ran with")
-    grid = load_grid(layout.grid())
+    grid = read_grid(layout.grid(), "corners", "patch_size")
     graph_state, graph = None, None
     if layout.graph_model(run).is_file():
         graph_saved = load(layout.graph_model(run))
@@ -289,7 +289,7 @@ def read_bundle(root: str | Path) -> Bundle:
     import yaml
 
     from models.encoder import encoder_from_settings, input_channels
-    from pipeline.atlas import load_grid
+    from pipeline.grid import read_grid
     from pipeline.config import validate_config
 
     root = Path(root)
@@ -309,7 +309,7 @@ def read_bundle(root: str | Path) -> Bundle:
     run = spec["run"]
     if list(config["runs"]) != [run]:
         raise ConfigError(f"bundle: {root / CONFIG_FILE} should hold the run {run!r} only, not {list(config['runs'])}")
-    grid = load_grid(root / ATLAS_DIR / GRID_NAME)
+    grid = read_grid(root / ATLAS_DIR / GRID_NAME, "corners", "patch_size")
     if int(grid["patch_size"]) != spec["patch_size"] or len(grid["corners"]) != spec["num_locations"]:
         raise ConfigError(f"bundle: {root / ATLAS_DIR / GRID_NAME} has {int(grid['patch_size'])}³ patches at "
                           f"{len(grid['corners'])} locations, {PREPROCESSING_FILE} says {spec['patch_size']}³ at "

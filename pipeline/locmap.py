@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, SubjectError
+from pipeline.grid import read_grid
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -223,10 +224,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--block-mb must be > 0, got {args.block_mb}")
     settings = stage_settings(args, "evaluate")
     layout = Layout(work=Path(args.work))
-    if not layout.grid().is_file():
-        raise ConfigError(f"grid {layout.grid()} does not exist; run the atlas stage first")
-    with np.load(layout.grid()) as grid:
-        num_locations = int(grid["corners"].shape[0])
+    num_locations = len(read_grid(layout.grid(), "corners")["corners"])
     folds = read_folds(args.folds)
     sids = list(dict.fromkeys(folds["sid"]))
     phenotypes = read_table(args.phenotypes, "phenotypes")

@@ -182,7 +182,7 @@ def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_pat
         raise ConfigError(f"config key 'patches.clip_hu': {clip_hu!r} is not [low, high] with low < high")
 
     def work() -> dict[str, Any]:
-        from pipeline.atlas import load_grid
+        from pipeline.grid import read_grid
         from pipeline.ct_io import read_volume
         from pipeline.files import write_npy
         from pipeline.lung import check_canonical
@@ -193,7 +193,7 @@ def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_pat
         check_canonical(ct, sid, STAGE)
         lung = read_volume(lung_path, sid, STAGE) if lung_path else None
         transform = read_transform(transform_path, sid, STAGE)
-        grid = load_grid(grid_path)
+        grid = read_grid(grid_path, "centers_mm", "patch_size", "spacing_mm")
         cut = cut_patches(ct, grid, transform, clip_hu=tuple(clip_hu), lung=lung, sid=sid,
                           with_masks=mask_out is not None)
         patches, qc = cut[0], cut[1]

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ConfigError, SubjectError
+from pipeline.grid import read_grid
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ def make_pooler(pooling: str, layout: Layout, run: str, device: str = "cpu") -> 
     if pooling == "mean":
         return mean_pool
     if pooling in ("weighted", "interior"):
-        with np.load(layout.grid()) as grid:
-            weights = location_weights(pooling, grid["lung_fraction"])
+        weights = location_weights(pooling, read_grid(layout.grid(), "lung_fraction")["lung_fraction"])
         return functools.partial(weighted_mean_pool, weights=weights)
     if pooling == "gnn":
         from models.graph import load_graph_encoder
@@ -184,12 +184,11 @@ def make_pooler(pooling: str, layout: Layout, run: str, device: str = "cpu") -> 
         path = layout.graph_model(run)
         if not path.is_file():
             raise ConfigError(f"gnn pooling of run {run!r} needs the graph encoder {path}; run train-graph first")
-        with np.load(layout.grid()) as grid:
-            edges, edge_weight = grid["edges"], grid["edge_weight"]
+        grid = read_grid(layout.grid(), "edges", "edge_weight")
         encoder = load_graph_encoder(path, device=device)
         if hasattr(encoder, "eval"):
             encoder.eval()
-        return GraphPooler(encoder, edges, edge_weight, device=device)
+        return GraphPooler(encoder, grid["edges"], grid["edge_weight"], device=device)
     raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
 
 
@@ -201,10 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     layout = Layout(work=Path(args.work))
     sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
-    if not layout.grid().is_file():
-        raise ConfigError(f"the atlas grid {layout.grid()} does not exist; run the atlas stage first")
-    with np.load(layout.grid()) as grid:
-        num_locations = len(grid["locations"]) if "locations" in grid.files else None
+    num_locations = len(read_grid(layout.grid(), "locations")["locations"])
     pooler = make_pooler(args.pooling, layout, args.run, device=args.device)
     table = pool_subjects(sids, lambda sid: load_embedding(layout.embedding(args.run, sid), sid, num_locations),
                           pooler, desc=f"pool {args.run}/{args.pooling}")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.atlas import (GridSpec, adjacency, box_sums, build_grid, choose_atlas_subject, crop_atlas, load_grid,
+from pipeline.atlas import (GridSpec, adjacency, box_sums, build_grid, choose_atlas_subject, crop_atlas,
                             run_atlas)
 from pipeline.errors import CopdsslError
+from pipeline.grid import read_grid
 from tests.preprocess_fixtures import synthetic_chest
 
 GRID_KEYS = {"corners": (np.int32, 2), "centers_mm": (np.float64, 2), "locations": (np.float32, 2),
@@ -183,7 +184,7 @@ def test_median_volume_takes_the_median_of_the_sample_subjects_whose_lungs_are_o
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.atlas_mask())))
     assert array.shape == (10 + 8, 18 + 8, 20 + 8)  # lung box plus a margin of S = 4 voxels
     assert set(np.unique(array)) == {0, 1, 2}
-    grid = load_grid(layout.grid())
+    grid = read_grid(layout.grid())
     assert set(grid) == set(GRID_KEYS)
     assert len(grid["corners"]) == summary["patches"] > 0
 
@@ -220,7 +221,7 @@ def test_cli_draws_the_sample_from_the_subjects_table(tmp_path):
     assert code == 0
     sample = atlas_sample(["a", "b", "c"], 2)
     assert f"median_volume of {len(sample)} sample subjects" in (tmp_path / "atlas.log").read_text()
-    grid = load_grid(layout.grid())
+    grid = read_grid(layout.grid())
     assert int(grid["patch_size"]) == 6 and int(grid["step"]) == 5
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import LocationBatchSampler, NeighbourKeys, PatchLoader, PatchStore, patch_subjects, read_grid
+from models.data import LocationBatchSampler, NeighbourKeys, PatchLoader, PatchStore, patch_subjects
 from pipeline.errors import SubjectError
+from pipeline.grid import read_grid
 from tests.train_fixtures import make_cohort
 
 torch.set_num_threads(1)

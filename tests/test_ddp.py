@@ -26,7 +26,8 @@ def _worker(rank: int, port: int, work: str, sids: list[str], settings: dict, ou
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))
-    from models.data import PatchStore, read_grid
+    from models.data import PatchStore
+    from pipeline.grid import read_grid
     from models.distributed import cleanup, init_from_env
     from models.train import Trainer
     from pipeline.layout import Layout

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.grid import read_grid
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -217,9 +218,8 @@ def _patch_grid_figure(config, layout, figures) -> tuple[Any, str]:
 
         ct = sitk.ReadImage(str(ct_path))
         transform = sitk.ReadTransform(str(tfm_path))
-        with np.load(grid_path) as grid:
-            centers = grid["centers_mm"]
-            half = 0.5 * float(grid["patch_size"]) * float(grid["spacing_mm"])
+        grid = read_grid(grid_path, "centers_mm", "patch_size", "spacing_mm")
+        centers, half = grid["centers_mm"], 0.5 * grid["patch_size"] * grid["spacing_mm"]
         figure = figures.patch_grid(sid, ct, transform, centers, half)
         return figure, (f"Patch grid of the atlas mapped through subject {sid}'s affine transform, on its axial and "
                         "coronal mid-slices; each box is the patch cut there (axis-aligned, at the mapped centre).")
@@ -304,9 +304,8 @@ def _atlas_for_map(layout):
         import SimpleITK as sitk
 
         image = sitk.ReadImage(str(layout.atlas_mask()))
-        with np.load(layout.grid()) as grid:
-            corners = np.asarray(grid["corners"], dtype=np.int64)
-            patch_size = int(grid["patch_size"])
+        grid = read_grid(layout.grid(), "corners", "patch_size")
+        corners, patch_size = grid["corners"], grid["patch_size"]
         return (sitk.GetArrayFromImage(image), corners, patch_size, tuple(image.GetSpacing())[::-1]), ""
     except (OSError, KeyError, RuntimeError, ValueError) as error:
         reason = " ".join(str(error).split())
