@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "ingest"
 HU_PERCENTILES = (1, 5, 50, 95, 99)
-CALIBRATION_DEFAULTS = {"enabled": False, "air_hu": -1000.0, "blood_hu": 50.0, "on_failure": "error"}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sid", required=True, help="subject ID")
     parser.add_argument("--image", required=True, help="NIfTI file or DICOM series directory")
@@ -105,7 +102,7 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
         spacing_tolerance: relative tolerance on DICOM slice spacing.
         min_slices: minimum number of slices along the image's third axis.
         calibration: the ``ingest.calibration`` settings (``enabled``, ``air_hu``, ``blood_hu``,
-            ``on_failure``); missing keys take :data:`CALIBRATION_DEFAULTS` (off).
+            ``on_failure``); missing keys take the schema's defaults (off).
 
     Returns:
         QC metrics for the status JSON. Shapes/spacings are in array order: the original
@@ -119,13 +116,12 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
     import SimpleITK as sitk
 
     from pipeline import ct_io
+    from pipeline.config import validate_section
     from pipeline.errors import SubjectError
 
     if fmt not in ("nifti", "dicom"):
         raise ValueError(f"fmt must be 'nifti' or 'dicom', got {fmt!r}")
-    calibration = {**CALIBRATION_DEFAULTS, **(calibration or {})}
-    if calibration["on_failure"] not in ("error", "skip"):
-        raise ValueError(f"calibration on_failure must be 'error' or 'skip', got {calibration['on_failure']!r}")
+    calibration = validate_section("ingest", {"calibration": calibration or {}})["calibration"]
     started = time.perf_counter()
     info: dict[str, Any] = {}
     if fmt == "nifti":
