@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work
         if args.spacing_mm:
             work = resampled_work(args.work, atlas_sample(sids, max(args.n)), args.spacing_mm, scratch)
-        settings = {"patch_size": args.patch_size, "step": args.step, "min_lung_fraction": 0.25,
-                    "adjacency_cutoff": 0.13}
+        settings = {"patch_size": args.patch_size, "step": args.step}  # the rest: the schema's defaults
         for n in args.n:
             command = [sys.executable, "-m", "pipeline", "atlas", "--sids", *atlas_sample(sids, n), "--work", str(work),
                        "--out-atlas", str(scratch / f"atlas{n}.nii.gz"), "--out-grid", str(scratch / f"grid{n}.npz"),

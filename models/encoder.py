@@ -237,7 +237,7 @@ def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | 
                           in_channels: int = 1) -> PatchEncoder:
     """Build a :class:`PatchEncoder` from the ``train.encoder`` config section (schema defaults
     apply to missing keys) for ``in_channels`` input channels (see :func:`input_channels`); with
-    ``histogram_bins`` > 0 the backbone's output is extended by a learnable soft histogram of the
+    ``histogram_bins`` > 0 the backbone's output is extended by a soft histogram (fixed bins) of the
     input (:class:`models.histogram.WithHistogram`). With
     ``seed``, the initial weights are drawn from a seeded RNG (the global RNG state is saved and
     restored, so callers see no side effect)."""

@@ -7,8 +7,9 @@ first stage, and neither self-supervision nor supervision from 320 subjects taug
 CNN that (docs/science.md, "Why nothing learned reads awt"). This layer hands the encoder soft
 voxel counts instead: each voxel's value is shared between the two nearest of K evenly spaced bin
 centres by linear interpolation (triangular bins that sum to one), and the shares are averaged
-over the patch. The encoder's trainable feature layer that follows sees the K bins of every
-channel; a tail fraction is a sum of bins, so it is one linear feature away. (Wang, Lu & Ding,
+over the patch. The encoder's feature layer that follows sees the K bins of every channel (or,
+when ``feature_dim`` equals the backbone's output plus the bins, passes them on unchanged); a
+tail fraction is a sum of bins, so it is one linear feature away. (Wang, Lu & Ding,
 ECCV 2016, also train the bins' centres and widths; with fixed bins the histogram costs
 O(voxels) instead of O(voxels x K), which is what makes embedding 400 subjects fast on a CPU.)
 """
