@@ -33,7 +33,9 @@ class SoftHistogram(nn.Module):
         bins: K, bins per channel (>= 2).
 
     Shapes: ``x`` [N, C, *spatial] -> [N, C * K] (channel-major: channel 0's K bins first), the
-    share of the voxels in each bin, in [0, 1].
+    share of the voxels in each bin, in [0, 1]. Optional ``weights`` [N, 1 or C, *spatial] (>= 0,
+    e.g. a lung mask) count each voxel by its weight instead of 1; a channel whose weights sum to
+    0 gets all-zero bins.
     """
 
     def __init__(self, in_channels: int, bins: int):
@@ -49,21 +51,33 @@ class SoftHistogram(nn.Module):
         """C * K."""
         return self.in_channels * self.bins
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [N, C, *spatial] -> [N, C * K] voxel shares per bin."""
+    def forward(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """x [N, C, *spatial] (and weights [N, 1 or C, *spatial]) -> [N, C * K] voxel shares per bin."""
         if x.ndim < 3 or x.shape[1] != self.in_channels:
             raise ValueError(f"SoftHistogram expects [N, {self.in_channels}, ...], got {list(x.shape)}")
         n, k = x.shape[0], self.bins
         values = x.flatten(2).to(torch.float32)  # NxCxV
+        if weights is None:
+            voxel_weight, total = None, float(values.shape[2])
+        else:
+            if (weights.shape[0] != n or weights.shape[1] not in (1, self.in_channels)
+                    or weights.shape[2:] != x.shape[2:]):
+                raise ValueError(f"histogram weights {list(weights.shape)} do not match x {list(x.shape)}")
+            voxel_weight = weights.flatten(2).to(torch.float32).expand_as(values)  # NxCxV
+            total = voxel_weight.sum(dim=2).clamp(min=torch.finfo(torch.float32).tiny).view(n, self.in_channels, 1)
         position = (values.clamp(-1.0, 1.0) + 1.0) * ((k - 1) / 2.0)  # in [0, K-1]
         lower = position.floor().clamp_(max=k - 2)  # NxCxV: the bin below (the last value goes to K-2, K-1)
         upper_share = position - lower  # NxCxV in [0, 1]
         row = torch.arange(n * self.in_channels, device=x.device).view(n, self.in_channels, 1) * k
         index = (row + lower.long()).flatten()  # flat index of the lower bin in [N*C*K]
+        lower_share = 1.0 - upper_share
+        if voxel_weight is not None:
+            lower_share, upper_share = lower_share * voxel_weight, upper_share * voxel_weight
         counts = torch.zeros(n * self.in_channels * k, dtype=values.dtype, device=x.device)
-        counts.index_add_(0, index, (1.0 - upper_share).flatten())
+        counts.index_add_(0, index, lower_share.flatten())
         counts.index_add_(0, index + 1, upper_share.flatten())
-        return (counts.view(n, self.in_channels * k) / values.shape[2]).to(x.dtype)
+        shares = counts.view(n, self.in_channels, k) / total
+        return shares.view(n, self.in_channels * k).to(x.dtype)
 
 
 class WithHistogram(nn.Module):

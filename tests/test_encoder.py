@@ -73,6 +73,16 @@ def test_soft_histogram_counts_voxels_by_intensity():
     centres = torch.linspace(-1, 1, 5)
     direct = torch.relu(1 - (values.flatten(2)[..., None] - centres).abs() / 0.5).mean(dim=2)  # 3x2x5
     assert torch.allclose(shares, direct, atol=1e-5)
+    # weights: a voxel counts by its weight (a lung mask keeps only lung voxels), per channel or shared
+    mask = (torch.rand(3, 1, 6, 6, 6) > 0.4).float()
+    weighted = histogram(values, mask).view(3, 2, 5)
+    kernel = torch.relu(1 - (values.flatten(2)[..., None] - centres).abs() / 0.5)  # 3x2xVx5
+    by_hand = (kernel * mask.flatten(2)[..., None]).sum(dim=2) / mask.flatten(2).sum(dim=2)[..., None]
+    assert torch.allclose(weighted, by_hand, atol=1e-5)
+    assert torch.allclose(histogram(values, torch.ones(3, 2, 6, 6, 6)), histogram(values), atol=1e-6)
+    assert torch.equal(histogram(values, torch.zeros(3, 1, 6, 6, 6)), torch.zeros(3, 10))  # no voxel counts
+    with pytest.raises(ValueError, match="weights"):
+        histogram(values, torch.ones(3, 1, 5, 6, 6))
     with pytest.raises(ValueError, match="bins must be >= 2"):
         SoftHistogram(1, 1)
     with pytest.raises(ValueError, match=r"expects \[N, 2"):

@@ -1,0 +1,149 @@
+"""Where does the lung-height read-out come from, and how low can it go?
+
+    python -m benchmarks.lung_height_probe [--cohort-seed 1002] [--run default_two_window_histogram_direct]
+
+A diagnostic of the science benchmark's lung-height target (read-out <= 0.3; docs/science.md).
+The generator couples lung height to inspiration: ``lung_height = 250 + 14 e - 12 female -
+0.5 density_shift_hu`` (docs/synthetic_cohort.md), so any feature set that reads the inspiration
+level (every one does, densitometry at 0.86) reads part of lung height with it. The probe
+measures, on the preprocessed cohort (``benchmarks/out/science/seed<seed>/``):
+
+- ``inspiration_floor``: the R² of lung height on the true ``density_shift_hu`` alone (in-sample
+  OLS on ``truth.tsv``): what a perfect reader of inspiration and nothing else reads;
+- for each feature set, the out-of-fold read-out (``StandardScaler + RidgeCV``, 5-fold CV,
+  3 repeats) of cle, awt, density shift, lung height, and ``lung_height_beyond_inspiration``
+  (the residual of lung height after OLS on the true density shift): lung size the features read
+  that inspiration does not explain.
+
+Feature sets, all mean-pooled over the locations:
+
+- ``bins_whole_patch``: the encoder's histogram bins as it computes them (``SoftHistogram`` of
+  the lung-masked two-window input, non-lung voxels at ``fill_hu``). Checked against the bins
+  stored in the run's embeddings (their last ``C x K`` columns) before anything is read out;
+- ``bins_lung_only``: the same bins counting only lung voxels (``SoftHistogram`` weighted by the
+  lung mask): what a mask-aware histogram would give;
+- ``lung_fraction``: the share of lung voxels of every location's patch (one column per
+  location);
+- ``densitometry`` and the run's ``features_mean.tsv`` (learned; CNN features + bins).
+
+The result goes to ``benchmarks/science/seed<seed>/lung_height_probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from benchmarks.science import OUT_DIR, RESULTS_DIR
+
+FACTORS = ("cle", "awt", "density_shift_hu", "lung_height_mm", "lung_height_beyond_inspiration")
+WINDOWS = ((-1024.0, -700.0), (-1024.0, 240.0))  # the default's train.input.windows
+BINS = 16  # the default's train.encoder.histogram_bins
+
+
+def subject_features(patches: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """One subject's probe features.
+
+    Args:
+        patches: int16 HU ``[P, S, S, S]``.
+        masks: bool lung masks ``[P, S, S, S]``.
+
+    Returns:
+        ``bins_per_location`` ``[P, C * K]`` (whole patch, as the encoder computes them),
+        ``bins_whole_patch`` and ``bins_lung_only`` ``[C * K]`` (means over the locations),
+        ``lung_fraction`` ``[P]``.
+    """
+    import torch
+
+    from models.histogram import SoftHistogram
+    from models.intensity import PatchInput
+
+    patch_input = PatchInput(windows=WINDOWS, lung_mask=True)
+    histogram = SoftHistogram(patch_input.channels, BINS)
+    mask = torch.from_numpy(masks)
+    with torch.no_grad():
+        x = patch_input(torch.from_numpy(patches), mask)  # P x C x S x S x S
+        whole = histogram(x)  # P x CK
+        lung_only = histogram(x, mask.unsqueeze(1).to(torch.float32))  # P x CK
+    return {"bins_per_location": whole.numpy(), "bins_whole_patch": whole.mean(0).numpy(),
+            "bins_lung_only": lung_only.mean(0).numpy(),
+            "lung_fraction": masks.reshape(len(masks), -1).mean(axis=1)}
+
+
+def beyond_inspiration(truth) -> tuple[np.ndarray, float]:
+    """Lung height's residual after OLS on the true density shift, and that OLS fit's R²."""
+    shift = truth["density_shift_hu"].to_numpy(float)
+    height = truth["lung_height_mm"].to_numpy(float)
+    design = np.column_stack([np.ones_like(shift), shift])
+    coef, *_ = np.linalg.lstsq(design, height, rcond=None)
+    residual = height - design @ coef
+    return residual, float(1.0 - residual.var() / height.var())
+
+
+def read_out(features, targets) -> dict[str, list[float]]:
+    """Out-of-fold R² (mean, sd over 5 folds x 3 repeats) of each target column from ``features``."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import RepeatedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = {}
+    for factor in FACTORS:
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+        scores = cross_val_score(model, features, targets.loc[features.index, factor],
+                                 cv=RepeatedKFold(n_splits=5, n_repeats=3, random_state=0), scoring="r2")
+        out[factor] = [round(float(scores.mean()), 3), round(float(scores.std(ddof=1)), 3)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from pipeline.evaluate import read_feature_table
+    from pipeline.patches import unpack_masks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cohort-seed", type=int, default=1002)
+    parser.add_argument("--run", default="default_two_window_histogram_direct",
+                        help="science rung whose seed-0 run's bins and features are compared")
+    args = parser.parse_args(argv)
+    base = OUT_DIR / f"seed{args.cohort_seed}"
+    run_dir = base / "work" / "runs" / f"{args.run}.s0"
+    truth = pd.read_csv(base / "data" / "truth.tsv", sep="\t").set_index("sid")
+    truth["lung_height_beyond_inspiration"], floor = beyond_inspiration(truth)
+
+    tables: dict[str, dict[str, np.ndarray]] = {"bins_whole_patch": {}, "bins_lung_only": {}, "lung_fraction": {}}
+    largest_bin_difference = 0.0
+    paths = [p for p in sorted((base / "work" / "patches").glob("*.npy")) if p.stat().st_size > 0]  # no tombstones
+    for path in tqdm(paths, desc="lung-height probe", unit="subject"):
+        patches = np.load(path)
+        masks = unpack_masks(np.load(base / "work" / "patches_lung" / path.name), patches.shape[-1])
+        features = subject_features(patches, masks)
+        stored = np.load(run_dir / "embeddings" / path.name)[:, -features["bins_per_location"].shape[1]:]
+        largest_bin_difference = max(largest_bin_difference,
+                                     float(np.abs(stored - features["bins_per_location"]).max()))
+        for name in tables:
+            tables[name][path.stem] = features[name]
+    if largest_bin_difference > 1e-4:
+        raise SystemExit(f"the probe's bins differ from {run_dir}'s stored bins by {largest_bin_difference:.2g}: "
+                         "it would not measure what the encoder computes")
+
+    feature_sets = {name: pd.DataFrame.from_dict(table, orient="index") for name, table in tables.items()}
+    feature_sets["densitometry"] = read_feature_table(base / "work" / "baselines" / "densitometry.tsv")
+    feature_sets[f"{args.run}.s0"] = read_feature_table(run_dir / "features_mean.tsv")
+    result = {"cohort_seed": args.cohort_seed, "subjects": len(paths), "run": f"{args.run}.s0",
+              "windows_hu": WINDOWS, "bins": BINS, "inspiration_floor_r2": round(floor, 3),
+              "largest_bin_difference_to_the_embeddings": largest_bin_difference,
+              "command": f"python -m benchmarks.lung_height_probe --cohort-seed {args.cohort_seed} --run {args.run}",
+              "read_out": {name: read_out(features, truth) for name, features in feature_sets.items()}}
+    out = RESULTS_DIR / f"seed{args.cohort_seed}" / "lung_height_probe.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
