@@ -26,6 +26,12 @@ Feature sets, all mean-pooled over the locations:
   location);
 - ``densitometry`` and the run's ``features_mean.tsv`` (learned; CNN features + bins).
 
+With ``--deformable N``, the probe also asks whether a better fit removes the lung-size
+signature of the patch boxes: for the first N subjects it cuts the per-location lung fractions
+with the stored affine transforms and again after the optional B-spline refinement
+(``register.deformable`` at its schema defaults, :func:`pipeline.register.refine_deformable`),
+and reads lung height out of each at those N subjects.
+
 The result goes to ``benchmarks/science/seed<seed>/lung_height_probe.json``.
 """
 
@@ -72,6 +78,67 @@ def subject_features(patches: np.ndarray, masks: np.ndarray) -> dict[str, np.nda
             "lung_fraction": masks.reshape(len(masks), -1).mean(axis=1)}
 
 
+def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np.ndarray, dict[str, float]]:
+    """Per-location lung fractions ``[P]`` of one subject under its stored affine and the refined fit.
+
+    Args:
+        args: ``(sid, lung labels path, stored transform path, work directory)``.
+
+    Returns:
+        (sid, affine fractions, refined fractions, the refinement's soft-Dice info).
+    """
+    import SimpleITK as sitk
+
+    from pipeline.config import validate_section
+    from pipeline.ct_io import read_volume
+    from pipeline.grid import read_grid
+    from pipeline.patches import extract_patches, patch_corners
+    from pipeline.register import read_transform, refine_deformable
+
+    sid, lung_path, transform_path, work = args
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    settings = validate_section("register", {})
+    grid = read_grid(f"{work}/atlas/grid.npz", "centers_mm", "patch_size")
+    lung = read_volume(lung_path, sid, "probe")
+    atlas = read_volume(f"{work}/atlas/atlas_lung.nii.gz", sid, "probe")
+    affine = read_transform(transform_path, sid, "probe")
+    refined, info = refine_deformable(atlas, lung, affine, grid_spacing_mm=settings["deformable"]["grid_spacing_mm"],
+                                      iterations=settings["deformable"]["iterations"],
+                                      working_spacing_mm=settings["working_spacing_mm"])
+    size = int(grid["patch_size"])
+    labels = sitk.GetArrayViewFromImage(lung) > 0
+    fractions = []
+    for transform in (affine, refined):
+        inside, _ = extract_patches(labels, patch_corners(grid["centers_mm"], transform, lung, size), size, False)
+        fractions.append(inside.reshape(len(inside), -1).mean(axis=1))
+    return sid, fractions[0], fractions[1], {k: info[k] for k in ("soft_dice_affine", "soft_dice")}
+
+
+def deformable_comparison(base, truth, n_subjects: int, workers: int) -> dict:
+    """Lung height read out of per-location lung fractions, affine vs refined, at the first N subjects."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    work = base / "work"
+    sids = [p.stem for p in sorted((work / "transforms").glob("*.tfm")) if p.stat().st_size > 0][:n_subjects]
+    jobs = [(sid, str(work / "lung" / f"{sid}.nii.gz"), str(work / "transforms" / f"{sid}.tfm"), str(work))
+            for sid in sids]
+    tables: dict[str, dict[str, np.ndarray]] = {"lung_fraction_affine": {}, "lung_fraction_deformable": {}}
+    dice = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for sid, affine, refined, info in tqdm(pool.map(lung_fractions, jobs), total=len(jobs),
+                                               desc="affine vs deformable", unit="subject"):
+            tables["lung_fraction_affine"][sid], tables["lung_fraction_deformable"][sid] = affine, refined
+            dice.append([info["soft_dice_affine"], info["soft_dice"]])
+    dice = np.asarray(dice)
+    return {"subjects": len(sids), "median_soft_dice_affine": round(float(np.median(dice[:, 0])), 4),
+            "median_soft_dice_deformable": round(float(np.median(dice[:, 1])), 4),
+            "read_out": {name: read_out(pd.DataFrame.from_dict(table, orient="index"), truth)
+                         for name, table in tables.items()}}
+
+
 def beyond_inspiration(truth) -> tuple[np.ndarray, float]:
     """Lung height's residual after OLS on the true density shift, and that OLS fit's R²."""
     shift = truth["density_shift_hu"].to_numpy(float)
@@ -109,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cohort-seed", type=int, default=1002)
     parser.add_argument("--run", default="default_two_window_histogram_direct",
                         help="science rung whose seed-0 run's bins and features are compared")
+    parser.add_argument("--deformable", type=int, default=0, metavar="N",
+                        help="also compare affine and B-spline-refined lung fractions on the first N subjects")
+    parser.add_argument("--workers", type=int, default=2, help="processes for --deformable")
     args = parser.parse_args(argv)
     base = OUT_DIR / f"seed{args.cohort_seed}"
     run_dir = base / "work" / "runs" / f"{args.run}.s0"
@@ -139,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
               "largest_bin_difference_to_the_embeddings": largest_bin_difference,
               "command": f"python -m benchmarks.lung_height_probe --cohort-seed {args.cohort_seed} --run {args.run}",
               "read_out": {name: read_out(features, truth) for name, features in feature_sets.items()}}
+    if args.deformable:
+        result["deformable"] = deformable_comparison(base, truth, args.deformable, args.workers)
+        result["command"] += f" --deformable {args.deformable}"
     out = RESULTS_DIR / f"seed{args.cohort_seed}" / "lung_height_probe.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -161,9 +161,10 @@ class GraphMoCo(nn.Module):
         encoder: the query :class:`GraphEncoder` (the key encoder is a deep copy, no gradients).
         queue_size: K negatives; momentum: key encoder EMA factor; seed: queue initialisation.
 
-    ``forward(view_q, view_k) -> (l_pos [B, 1], l_neg [B, K])`` raw cosine similarities; the
-    momentum update happens before the keys are computed and the keys are enqueued afterwards
-    (as in MoCo). Plain InfoNCE on these (:class:`models.ifm.IFMLoss` with method ``none``) is the
+    ``forward(view_q, view_k) -> (l_pos [B, 1], l_neg [B, K])`` raw cosine similarities; in
+    training mode the momentum update happens before the keys are computed and the keys are
+    enqueued afterwards (as in :class:`models.moco.MoCo`); in eval mode both are left alone, so
+    that scoring a validation batch changes neither the key encoder nor the queue. Plain InfoNCE on these (:class:`models.ifm.IFMLoss` with method ``none``) is the
     graph stage's loss.
     """
 
@@ -185,12 +186,14 @@ class GraphMoCo(nn.Module):
 
         q = self.encoder_q(view_q)  # BxC
         with torch.no_grad():
-            update_momentum(self.encoder_q, self.encoder_k, self.momentum)
+            if self.training:
+                update_momentum(self.encoder_q, self.encoder_k, self.momentum)
             k = self.encoder_k(view_k)  # BxC
         zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         l_pos = (q * k).sum(dim=1, keepdim=True)  # Bx1
         l_neg = self.queue.negative_logits(q, zeros)  # BxK
-        self.queue.enqueue(k, zeros)
+        if self.training:
+            self.queue.enqueue(k, zeros)
         return l_pos, l_neg
 
 

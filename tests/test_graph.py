@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models.data import PatchStore
-from models.graph import GraphEncoder, batch_graphs, graph_views, load_graph_encoder
+from models.graph import GraphEncoder, GraphMoCo, batch_graphs, graph_views, load_graph_encoder
 from models.graph_train import GRAPH_HISTORY_COLUMNS, feature_stats, train_graph
 from models.train import Trainer
 from pipeline.cli import main as cli_main
@@ -82,6 +82,35 @@ def test_graph_encoder_shapes_pool_and_locality():
     near[1] += 5.0
     torch.testing.assert_close(single.nodes(far, e, w)[0], base[0])
     assert not torch.allclose(single.nodes(near, e, w)[0], base[0])
+
+
+def test_graph_moco_updates_key_encoder_and_queue_only_in_training():
+    """Eval mode scores a batch without touching the momentum encoder or the queue (as MoCo)."""
+    _, edges, weight = lattice_grid((2, 2, 2))
+    graph = batch_graphs(torch.randn(4, 8, 6), torch.from_numpy(edges), torch.from_numpy(weight))
+    torch.manual_seed(0)
+    model = GraphMoCo(GraphEncoder(in_dim=6, hidden_dim=5, layers=2, projection_dim=3), queue_size=8, momentum=0.5)
+    with torch.no_grad():
+        for param in model.encoder_q.parameters():
+            param.add_(1.0)  # the query encoder moves away from the key encoder's copy
+
+    def state():
+        return ({k: v.clone() for k, v in model.encoder_k.state_dict().items()}, model.queue.queue.clone(),
+                model.queue.ptr.clone())
+
+    keys, queue, pointer = state()
+    model.eval()
+    with torch.no_grad():
+        l_pos, l_neg = model(graph, graph)
+    assert l_pos.shape == (4, 1) and l_neg.shape == (4, 8)
+    after = state()
+    assert all(torch.equal(keys[k], after[0][k]) for k in keys)
+    assert torch.equal(queue, after[1]) and torch.equal(pointer, after[2])
+    model.train()
+    model(graph, graph)
+    after = state()
+    assert not all(torch.equal(keys[k], after[0][k]) for k in keys)  # momentum update
+    assert not torch.equal(queue, after[1]) and after[2].item() == (pointer.item() + 4) % 8  # 4 keys enqueued
 
 
 def test_gcn_runs_without_compiled_pyg_extensions():
