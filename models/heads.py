@@ -29,6 +29,7 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from statsmodels.miscmodels.ordinal_model import OrderedModel
 
@@ -97,7 +98,6 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         self.alphas = alphas
         self.inner_folds = inner_folds
         self.random_state = random_state
-        self._check_params()  # reject bad values early; fit checks again (set_params may change them)
 
     def _check_params(self) -> np.ndarray:
         alphas = np.atleast_1d(np.asarray(self.alphas, dtype=float))
@@ -112,7 +112,7 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         if X.shape[0] < 2 * self.inner_folds:
             raise ValueError(f"RidgeHead needs at least {2 * self.inner_folds} samples for "
-                             f"inner_folds={self.inner_folds}, got {X.shape[0]}")
+                             f"inner_folds={self.inner_folds}, got n_samples={X.shape[0]}")
         squared_error = np.zeros(alphas.size)
         splitter = KFold(self.inner_folds, shuffle=True, random_state=self.random_state)
         for train, test in splitter.split(X):
@@ -269,8 +269,9 @@ class OrdinalHead(ClassifierMixin, BaseEstimator):
     and each larger component count is warm-started from the smaller one's solution (PCA scores
     are nested). The final model is refitted on all training rows.
 
-    Levels absent from the training rows cannot be predicted; the model is fitted on the levels
-    that occur and predicts on the original label scale (``classes_``).
+    The levels are discrete labels ordered by their sort order (numbers numerically; continuous
+    targets are rejected). Levels absent from the training rows cannot be predicted; the model is
+    fitted on the levels that occur and predicts on the original label scale (``classes_``).
 
     Args:
         n_components: candidate PCA component counts (each >= 1).
@@ -293,7 +294,6 @@ class OrdinalHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.max_inner_samples = max_inner_samples
         self.maxiter = maxiter
-        self._check_params()  # reject bad values early; fit checks again (set_params may change them)
 
     def _check_params(self) -> list[int]:
         values = list(np.atleast_1d(self.n_components))
@@ -305,12 +305,10 @@ class OrdinalHead(ClassifierMixin, BaseEstimator):
         return sorted({int(v) for v in values})
 
     def fit(self, X, y) -> OrdinalHead:
-        """Fit on ``X [n, d]`` and integer-valued levels ``y [n]``."""
+        """Fit on ``X [n, d]`` and levels ``y [n]`` (discrete labels, ordered by their sort order)."""
         candidates = self._check_params()
-        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            bad = y[~np.isfinite(y) | (y != np.round(y))][0]
-            raise ValueError(f"OrdinalHead needs integer levels, got {bad!r}")
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)  # "Unknown label type: continuous" for non-integer numbers
         self.classes_, codes = np.unique(y, return_inverse=True)
         n_levels = self.classes_.size
         full = _OrdinalFit(X, codes, n_levels, max(candidates), self.random_state)
@@ -367,6 +365,7 @@ class OrdinalHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """Most probable level ``[n]`` (values from ``classes_``) for ``X [n, d]``."""
+        check_is_fitted(self, "classes_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
