@@ -24,7 +24,8 @@ Feature sets, all mean-pooled over the locations:
   lung mask): what a mask-aware histogram would give;
 - ``lung_fraction``: the share of lung voxels of every location's patch (one column per
   location);
-- ``densitometry`` and the run's ``features_mean.tsv`` (learned; CNN features + bins).
+- ``densitometry`` and the run's ``features_mean.tsv`` (learned; CNN features + bins), whole and
+  split into its CNN features and its bins.
 
 With ``--deformable N``, the probe also asks whether a better fit removes the lung-size
 signature of the patch boxes: for the first N subjects it cuts the per-location lung fractions
@@ -203,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 
     feature_sets = {name: pd.DataFrame.from_dict(table, orient="index") for name, table in tables.items()}
     feature_sets["densitometry"] = read_feature_table(base / "work" / "baselines" / "densitometry.tsv")
-    feature_sets[f"{args.run}.s0"] = read_feature_table(run_dir / "features_mean.tsv")
+    learned = read_feature_table(run_dir / "features_mean.tsv")
+    n_bins = len(WINDOWS) * BINS  # the embeddings' last C x K columns are the bins (models.histogram)
+    feature_sets[f"{args.run}.s0"] = learned
+    feature_sets[f"{args.run}.s0 CNN features only"] = learned.iloc[:, :-n_bins]
+    feature_sets[f"{args.run}.s0 bins only"] = learned.iloc[:, -n_bins:]
     result = {"cohort_seed": args.cohort_seed, "subjects": len(paths), "run": f"{args.run}.s0",
               "windows_hu": WINDOWS, "bins": BINS, "inspiration_floor_r2": round(floor, 3),
               "largest_bin_difference_to_the_embeddings": largest_bin_difference,

@@ -7,10 +7,12 @@ output (or nothing) in place.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +77,27 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
-def write_tsv(path: str | os.PathLike, frame) -> None:
-    """Atomically write a pandas DataFrame as a tab-separated file without the index."""
-    with atomic_path(path, suffix=".tsv") as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+def write_tsv(path: str | os.PathLike, table, columns: Sequence[str] | None = None) -> None:
+    """Atomically write a tab-separated file with a header line.
+
+    Args:
+        table: a pandas DataFrame (written without its index, floats as ``%.6g``) or a sequence
+            of row dicts (values written as ``str`` would; a key a row lacks is an empty cell).
+        columns: for row dicts, the column order; keys not named here follow in order of first
+            appearance. Ignored for a DataFrame.
+    """
+    if hasattr(table, "to_csv"):
+        with atomic_path(path, suffix=".tsv") as tmp:
+            table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+        return
+    header = list(columns or [])
+    for row in table:
+        header += [key for key in row if key not in header]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, delimiter="\t", lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(table)
+    write_text(path, buffer.getvalue())
 
 
 def _json_default(value: Any) -> Any:

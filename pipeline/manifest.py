@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import logging
 
-from pipeline.files import write_text
+from pipeline.files import write_tsv
 from pipeline.subjects import Rejection, Subject, read_manifest
 
 log = logging.getLogger(__name__)
@@ -22,22 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", help="TSV with sid, image[, format] (default: cohort.manifest)")
     parser.add_argument("--out", required=True, help="accepted subjects TSV")
     parser.add_argument("--rejects", required=True, help="rejected rows TSV (sid, reason)")
-
-
-def subjects_tsv(subjects: list[Subject]) -> str:
-    return _tsv(["sid", "image", "format"], [(s.sid, s.image, s.format) for s in subjects])
-
-
-def rejections_tsv(rejections: list[Rejection]) -> str:
-    return _tsv(["sid", "reason"], [(r.sid, r.reason) for r in rejections])
-
-
-def _tsv(header: list[str], rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def read_subjects(path) -> list[Subject]:
@@ -59,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     subjects, rejections = read_manifest(manifest)
     for rejection in rejections:
         log.error("subject %r [manifest]: %s", rejection.sid, rejection.reason)
-    write_text(args.out, subjects_tsv(subjects))
-    write_text(args.rejects, rejections_tsv(rejections))
+    write_tsv(args.out, [{"sid": s.sid, "image": s.image, "format": s.format} for s in subjects],
+              ("sid", "image", "format"))
+    write_tsv(args.rejects, [{"sid": r.sid, "reason": r.reason} for r in rejections], ("sid", "reason"))
     log.info("manifest %s: %d subjects accepted, %d rejected", manifest, len(subjects), len(rejections))
     return 0

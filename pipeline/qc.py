@@ -14,12 +14,10 @@ HU percentiles, ...) are added as ``<stage>_<metric>`` columns. The status is gr
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 from typing import Any
 
-from pipeline.files import write_text
+from pipeline.files import write_tsv
 from pipeline.layout import Layout
 from pipeline.status import OK, read_status
 from pipeline.subjects import Rejection
@@ -32,6 +30,8 @@ KEPT = (OK, FLAGGED)  # statuses of the subjects every later stage uses
 _STATUS_KEYS = {"sid", "stage", "status", "failed_stage", "reason", "flagged", "flag_reason"}
 # The MAD of a normal sample times this estimates its standard deviation.
 MAD_TO_SD = 1.4826
+# The QC table's leading columns; each stage's QC measures follow in order of first appearance.
+QC_COLUMNS = ("sid", "status", "failed_stage", "reason", "flag_reason")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,20 +120,9 @@ def qc_rows(subjects: list[str], rejects: list[Rejection], layout: Layout,
     return rows
 
 
-def to_tsv(rows: list[dict[str, Any]]) -> str:
-    columns = ["sid", "status", "failed_stage", "reason", "flag_reason"]
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t", lineterminator="\n", restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_qc_table(path, rows: list[dict[str, Any]]) -> dict[str, int]:
     """Write the rows as a TSV (atomically); return the number of subjects per status."""
-    write_text(path, to_tsv(rows))
+    write_tsv(path, rows, QC_COLUMNS)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -10,7 +10,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.report import build_report
 from pipeline.report.figures import figure_names, grid_footprints
-from pipeline.report.tables import config_hash, feature_sets
+from pipeline.feature_sets import feature_sets
+from pipeline.report.tables import config_hash
 from tests.eval_fixtures import (FLAGGED_REASON, eval_config, make_eval_cohort, make_subject_image, write_benchmarks, write_history,
                                  write_qc, write_results)
 

@@ -63,3 +63,29 @@ def test_read_manifest_errors(tmp_path):
     bad.write_text("id\tpath\nS1\tx.nii\n")
     with pytest.raises(ConfigError, match="lacks column"):
         read_manifest(bad)
+
+
+def test_manifest_stage_writes_tables_that_read_back(tmp_path):
+    """The manifest stage's two TSVs (one writer, pipeline.files.write_tsv) read back as written."""
+    from pipeline.cli import main
+    from pipeline.manifest import read_rejections, read_subjects
+
+    manifest = tmp_path / "manifest.tsv"
+    manifest.write_text("sid\timage\tformat\nS1\ta b/S1.nii.gz\tnifti\nbad id\tx.nii.gz\tnifti\nS2\tS2\tdicom\n")
+    out, rejects = tmp_path / "work" / "subjects.tsv", tmp_path / "work" / "rejected.tsv"
+    assert main(["manifest", "--manifest", str(manifest), "--out", str(out), "--rejects", str(rejects)]) == 0
+    assert out.read_text().splitlines()[0] == "sid\timage\tformat"
+    assert [(s.sid, s.image.endswith("a b/S1.nii.gz"), s.format) for s in read_subjects(out)] == [
+        ("S1", True, "nifti"), ("S2", False, "dicom")]
+    assert [r.sid for r in read_rejections(rejects)] == ["bad id"]
+    assert rejects.read_text().splitlines()[0] == "sid\treason"
+
+
+def test_write_tsv_takes_row_dicts_with_leading_columns(tmp_path):
+    from pipeline.files import write_tsv
+
+    path = tmp_path / "rows.tsv"
+    write_tsv(path, [{"b": 1, "a": "x"}, {"a": "y", "c": 2.5}], ("a",))
+    assert path.read_text() == "a\tb\tc\nx\t1\t\ny\t\t2.5\n"  # a first, then b, c by first appearance
+    write_tsv(path, [], ("sid", "reason"))
+    assert path.read_text() == "sid\treason\n"

@@ -45,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
 def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
     """Write the HTML report to ``out`` and the figures to ``<results>/figures/``; return ``out``."""
     from pipeline.files import write_text
+    from pipeline.feature_sets import feature_sets
     from pipeline.report import html, tables
 
-    sets = tables.feature_sets(config)
+    sets = feature_sets(config)
     outcomes = config["evaluate"]["outcomes"]
     columns = tables.metric_columns(outcomes)
     metrics = tables.load_results(layout, sets, "metrics")
@@ -314,6 +315,7 @@ def _atlas_for_map(layout):
 
 
 def _readout_section(sets, readouts) -> list[str]:
+    from pipeline.feature_sets import feature_sets
     from pipeline.report import html, tables
 
     table = tables.readout_table(sets, readouts)
@@ -369,6 +371,7 @@ def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
 
 
 def _provenance_section(layout, prov) -> list[str]:
+    from pipeline.feature_sets import feature_sets
     from pipeline.report import html, tables
 
     parts = [html.key_values({"config sha256": prov["config_sha256"], "date": prov["date"],

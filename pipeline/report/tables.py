@@ -19,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.baselines import BASELINE_LABELS, BASELINE_POOLING, combined_name
+from pipeline.baselines import BASELINE_LABELS
+from pipeline.feature_sets import FeatureSet
 from pipeline.layout import Layout
 
 PACKAGES = ("copdssl", "torch", "monai", "torch-geometric", "snakemake", "SimpleITK", "statsmodels", "scikit-learn",
@@ -27,54 +28,6 @@ PACKAGES = ("copdssl", "torch", "monai", "torch-geometric", "snakemake", "Simple
 STAGE_ORDER = ("cohort", "manifest", "ingest", "lung", "atlas", "register", "patches", "qc", "train", "embed",
                "train-graph", "train_graph", "pool", "baseline", "folds", "evaluate", "locmap", "report")
 HIGHER_IS_BETTER = MappingProxyType({"r2": True, "acc": True, "acc1off": True})
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """One row of the main table: a run x pooling, a baseline, or a baseline + run x pooling.
-
-    Attributes:
-        name: run, baseline or combined name (the ``results/<name>/<pooling>/`` directory).
-        pooling: ``mean``/``gnn`` for runs and combined sets, else the baseline's pooling label
-            (``pipeline.baselines.BASELINE_POOLING``: ``lung``, ``patches``, ``truth``).
-        kind: ``baseline``, ``run``, ``combined`` (a baseline's features joined to a run's) or ``oracle``.
-        method: the baseline's name, or the run's ``random init``, ``moco``, ``ifm`` or ``ifm_only``.
-        epsilon: the IFM epsilon of a run (0 for plain MoCo), else ``None``.
-        base: the baseline of a combined set (``densitometry``), else ``None``.
-        run: the run of a run or combined set, else ``None``.
-    """
-
-    name: str
-    pooling: str
-    kind: str
-    method: str
-    epsilon: float | None = None
-    base: str | None = None
-    run: str | None = None
-
-    @property
-    def title(self) -> str:
-        """The feature set without its pooling: ``ifm_e0.5``, ``densitometry + ifm_e0.5``, a baseline's label."""
-        if self.kind == "combined":
-            return f"{BASELINE_LABELS.get(self.base, self.base)} + {self.run}"
-        if self.kind == "run":
-            return self.name
-        return BASELINE_LABELS.get(self.name, self.name)
-
-    @property
-    def label(self) -> str:
-        if self.kind in ("run", "combined"):
-            return f"{self.title} / {self.pooling}"
-        return self.title
-
-    @property
-    def base_key(self) -> str | None:
-        """Key of the baseline row a combined set is compared with (``densitometry/lung``)."""
-        return f"{self.base}/{BASELINE_POOLING[self.base]}" if self.kind == "combined" else None
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}/{self.pooling}"
 
 
 @dataclass(frozen=True)
@@ -103,58 +56,6 @@ class MainTable:
     cells: dict[tuple[str, Column], tuple[float, float, int]] = field(default_factory=dict)
     best: dict[Column, set[str]] = field(default_factory=dict)
     gain: dict[tuple[str, Column], float] = field(default_factory=dict)
-
-
-def run_description(train: Mapping[str, Any]) -> tuple[str, float | None]:
-    """(method, epsilon) of a run from its resolved training settings."""
-    if train.get("epochs", 1) == 0:
-        return "random init", None
-    loss = train.get("loss", {})
-    method = loss.get("method", "none")
-    epsilon = float(loss.get("epsilon", 0.0))
-    if method == "none":
-        return "moco", 0.0
-    return method, epsilon
-
-
-def resolved_run_settings(config: Mapping[str, Any], run: str) -> dict[str, Any]:
-    """``train`` with ``runs[run]`` merged over it (no re-validation: the config is already valid)."""
-    from pipeline.config import deep_merge
-
-    return deep_merge(config.get("train", {}), config["runs"][run] or {})
-
-
-def feature_sets(config: Mapping[str, Any]) -> list[FeatureSet]:
-    """The rows in table order: the baselines (densitometry, patch statistics, airway), untrained
-    runs, the other runs x poolings, each ``evaluate.combine_with`` baseline + every run x pooling
-    (in the same order), oracle.
-
-    gnn pooling rows exist only for runs whose graph stage is enabled; the oracle only when the
-    cohort has a truth table.
-    """
-    evaluate = config.get("evaluate", {})
-    baselines = evaluate.get("baselines", [])
-    truth = config.get("cohort", {}).get("truth")
-    poolings = config.get("pool", {}).get("methods", ["mean"])
-    sets = [FeatureSet(b, BASELINE_POOLING[b], "baseline", b) for b in BASELINE_POOLING
-            if b in baselines and b != "oracle"]
-    runs = []
-    for run in config.get("runs", {}):
-        train = resolved_run_settings(config, run)
-        method, epsilon = run_description(train)
-        graph = train.get("graph", {}).get("enabled", True)
-        for pooling in poolings:
-            if pooling != "gnn" or graph:
-                runs.append(FeatureSet(run, pooling, "run", method, epsilon, run=run))
-    runs = [s for s in runs if s.method == "random init"] + [s for s in runs if s.method != "random init"]
-    sets += runs
-    for base in evaluate.get("combine_with", []):
-        if base != "oracle" or truth:
-            sets += [FeatureSet(combined_name(base, s.name), s.pooling, "combined", s.method, s.epsilon, base=base,
-                                run=s.name) for s in runs]
-    if "oracle" in baselines and truth:
-        sets.append(FeatureSet("oracle", BASELINE_POOLING["oracle"], "oracle", "oracle"))
-    return sets
 
 
 def metric_columns(outcomes: Mapping[str, Mapping[str, Any]]) -> list[Column]:

@@ -14,9 +14,10 @@ import re
 # their own processes.
 gc.set_threshold(10_000, 10, 100)
 
-from pipeline.baselines import BASELINE_POOLING, combined_name, split_combined
+from pipeline.baselines import BASELINE_POOLING, split_combined
 from pipeline.bundle import workflow_config
 from pipeline.config import location_map_runs, run_settings, validate_config
+from pipeline.feature_sets import feature_sets
 from pipeline.layout import Layout
 from pipeline.register import FIT_KEYS as REGISTER_FIT_KEYS
 from pipeline.subjects import SID_PATTERN, Subject, read_manifest
@@ -50,13 +51,10 @@ FIGURES = os.path.join(config["results_dir"], "figures")
 # Per-subject stages with a cohort-level status table (work/qc/<stage>.tsv) that aggregate rules
 # depend on: lung (atlas) and patches (train, embed, evaluate, qc).
 TABLED_STAGES = ["lung", "patches"]
-BASELINES = [b for b in config["evaluate"]["baselines"] if b != "oracle" or TRUTH]
 # Runs with a per-location read-out map (report.location_map_runs; default: every run that trains).
 LOCMAP_RUNS = location_map_runs(config)
 # Baselines whose tables the `baseline` rule computes from the images (the oracle reads truth.tsv).
 IMAGE_BASELINES = [b for b in BASELINE_POOLING if b != "oracle"]
-# Baselines joined to every run's features ("densitometry+<run>": what the run adds to them).
-COMBINE_WITH = [b for b in config["evaluate"]["combine_with"] if b != "oracle" or TRUTH]
 
 
 def load_subjects():
@@ -81,14 +79,14 @@ def graph_enabled(run):
     return run_settings(config, run)["graph"]["enabled"]
 
 
-# (run, pooling) feature sets: gnn pooling only for runs whose graph stage is enabled.
-FEATURE_SETS = [(run, pooling) for run in RUNS for pooling in POOLINGS if pooling != "gnn" or graph_enabled(run)]
-# (baseline+run, pooling): each run's pooled features joined to a baseline's (pipeline.baselines.combined_name).
-COMBINED_SETS = [(combined_name(b, run), pooling) for b in COMBINE_WITH for run, pooling in FEATURE_SETS]
-# Every evaluated feature set as (name, pooling): baselines first, then runs, then the combined sets.
-EVALUATIONS = [(b, BASELINE_POOLING[b]) for b in BASELINES] + FEATURE_SETS + COMBINED_SETS
+# Every evaluated feature set as (name, pooling), in the report's order (pipeline.feature_sets):
+# baselines, runs x poolings (gnn only where the graph stage is on), baseline+run combined sets.
+_EVALUATED = feature_sets(config)
+EVALUATIONS = [(s.name, s.pooling) for s in _EVALUATED]
+# The (run, pooling) feature sets among them.
+FEATURE_SETS = [(s.name, s.pooling) for s in _EVALUATED if s.kind == "run"]
 # What the evaluate rule's {name} and {fpool} wildcards may be.
-EVALUATION_NAMES = [*BASELINE_POOLING, *RUNS, *dict.fromkeys(name for name, _ in COMBINED_SETS)]
+EVALUATION_NAMES = [*BASELINE_POOLING, *RUNS, *dict.fromkeys(name for name, _ in EVALUATIONS)]
 EVALUATION_POOLINGS = list(dict.fromkeys([*POOLINGS, *BASELINE_POOLING.values()]))
 
 
