@@ -41,3 +41,27 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
              "|" + "---:|" * len(columns)]
     lines += ["| " + " | ".join(str(row[key]) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def read_out_factors(features, truth, factors: Sequence[str]) -> dict[str, list[float]]:
+    """Out-of-fold R² of each truth column in ``factors`` from a subject feature table.
+
+    ``StandardScaler + RidgeCV`` (alphas 1e-3 .. 1e4), 5-fold CV repeated 3 times (seed 0), the
+    subjects of ``features`` (a DataFrame indexed by sid) looked up in ``truth`` (indexed by sid).
+
+    Returns:
+        factor -> [mean, sd] of the 15 fold R² values, rounded to 3 decimals.
+    """
+    import numpy as np
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import RepeatedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = {}
+    for factor in factors:
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
+        scores = cross_val_score(model, features, truth.loc[features.index, factor],
+                                 cv=RepeatedKFold(n_splits=5, n_repeats=3, random_state=0), scoring="r2")
+        out[factor] = [round(float(scores.mean()), 3), round(float(scores.std(ddof=1)), 3)]
+    return out

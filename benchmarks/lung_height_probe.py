@@ -43,6 +43,7 @@ import json
 
 import numpy as np
 
+from benchmarks.common import read_out_factors
 from benchmarks.science import OUT_DIR, RESULTS_DIR
 
 FACTORS = ("cle", "awt", "density_shift_hu", "lung_height_mm", "lung_height_beyond_inspiration")
@@ -136,7 +137,7 @@ def deformable_comparison(base, truth, n_subjects: int, workers: int) -> dict:
     dice = np.asarray(dice)
     return {"subjects": len(sids), "median_soft_dice_affine": round(float(np.median(dice[:, 0])), 4),
             "median_soft_dice_deformable": round(float(np.median(dice[:, 1])), 4),
-            "read_out": {name: read_out(pd.DataFrame.from_dict(table, orient="index"), truth)
+            "read_out": {name: read_out_factors(pd.DataFrame.from_dict(table, orient="index"), truth, FACTORS)
                          for name, table in tables.items()}}
 
 
@@ -148,22 +149,6 @@ def beyond_inspiration(truth) -> tuple[np.ndarray, float]:
     coef, *_ = np.linalg.lstsq(design, height, rcond=None)
     residual = height - design @ coef
     return residual, float(1.0 - residual.var() / height.var())
-
-
-def read_out(features, targets) -> dict[str, list[float]]:
-    """Out-of-fold R² (mean, sd over 5 folds x 3 repeats) of each target column from ``features``."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import RepeatedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    out = {}
-    for factor in FACTORS:
-        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 4, 15)))
-        scores = cross_val_score(model, features, targets.loc[features.index, factor],
-                                 cv=RepeatedKFold(n_splits=5, n_repeats=3, random_state=0), scoring="r2")
-        out[factor] = [round(float(scores.mean()), 3), round(float(scores.std(ddof=1)), 3)]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
               "windows_hu": WINDOWS, "bins": BINS, "inspiration_floor_r2": round(floor, 3),
               "largest_bin_difference_to_the_embeddings": largest_bin_difference,
               "command": f"python -m benchmarks.lung_height_probe --cohort-seed {args.cohort_seed} --run {args.run}",
-              "read_out": {name: read_out(features, truth) for name, features in feature_sets.items()}}
+              "read_out": {name: read_out_factors(features, truth, FACTORS) for name, features in feature_sets.items()}}
     if args.deformable:
         result["deformable"] = deformable_comparison(base, truth, args.deformable, args.workers)
         result["command"] += f" --deformable {args.deformable}"

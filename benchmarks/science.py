@@ -1,6 +1,7 @@
 """Science benchmark: what the learned features carry, measured against the synthetic cohort's truth.
 
-    python -m benchmarks.science                       # every rung of benchmarks/science_rungs.yaml
+    python -m benchmarks.science                       # the ladder (rungs marked ladder: true)
+    python -m benchmarks.science --rungs all           # every rung of benchmarks/science_rungs.yaml
     python -m benchmarks.science --rungs reference masked --seeds 0 1 2
     python -m benchmarks.science --table               # only assemble the table and figure from saved rungs
     python -m benchmarks.science --quick               # a tiny cohort and a few steps: a smoke test (CI)
@@ -69,6 +70,8 @@ def load_rungs(path: Path = RUNGS_FILE) -> dict[str, dict[str, Any]]:
     for name, rung in rungs.items():
         if rung.get("kind") not in ("ssl", "baseline", "supervised"):
             raise ValueError(f"rung {name}: kind must be ssl, baseline or supervised, got {rung.get('kind')!r}")
+        if not isinstance(rung.setdefault("ladder", False), bool):
+            raise ValueError(f"rung {name}: ladder must be true or false, got {rung['ladder']!r}")
     for name in rungs:
         rungs[name]["train"] = resolved_train(rungs, name)
     return rungs
@@ -304,7 +307,7 @@ def figure(rows, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rungs", nargs="+", help="run only these rungs (default: all)")
+    parser.add_argument("--rungs", nargs="+", help="run these rungs ('all': every rung; default: the ladder)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds of learned rungs")
     parser.add_argument("--cohort-seed", type=int, help="generator seed (default: config/science.yaml's)")
     parser.add_argument("--quick", action="store_true", help="a tiny cohort and a few steps (smoke test)")
@@ -315,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     cohort = Cohort(args.cohort_seed if args.cohort_seed is not None else base_seed, args.quick)
     rungs = load_rungs()
     if not args.table:
-        chosen = args.rungs or list(rungs)
+        if args.rungs == ["all"]:
+            chosen = list(rungs)
+        else:
+            chosen = args.rungs or [name for name, rung in rungs.items() if rung["ladder"]]
         unknown = sorted(set(chosen) - set(rungs))
         if unknown:
             parser.error(f"unknown rung(s) {', '.join(unknown)}; known: {', '.join(rungs)}")

@@ -33,6 +33,16 @@ def test_a_circular_or_unknown_parent_is_an_error(tmp_path):
     path.write_text("a: {kind: learned}\n")
     with pytest.raises(ValueError, match="kind must be"):
         science.load_rungs(path)
+    path.write_text("a: {kind: ssl, ladder: yes please}\n")
+    with pytest.raises(ValueError, match="ladder must be"):
+        science.load_rungs(path)
+
+
+def test_the_ladder_holds_the_reference_rows_and_the_default():
+    ladder = [name for name, rung in science.load_rungs().items() if rung["ladder"]]
+    assert {"densitometry", "patchstats", "airway", "random_init", "default_two_window_histogram_direct",
+            "direct_ifm_e0.5"} <= set(ladder)
+    assert not {"supervised", "default_long"} & set(ladder)  # diagnostics run by name
 
 
 def test_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
