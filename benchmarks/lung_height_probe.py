@@ -31,7 +31,9 @@ With ``--deformable N``, the probe also asks whether a better fit removes the lu
 signature of the patch boxes: for the first N subjects it cuts the per-location lung fractions
 with the stored affine transforms and again after the optional B-spline refinement
 (``register.deformable`` at its schema defaults, :func:`pipeline.register.refine_deformable`),
-and reads lung height out of each at those N subjects.
+and reads lung height out of each at those N subjects; and it cuts the same grid boxes in atlas
+space (the subject's lungs resampled onto the atlas grid through the affine), where a box scales
+with the subject's lungs.
 
 The result goes to ``benchmarks/science/seed<seed>/lung_height_probe.json``.
 """
@@ -80,14 +82,17 @@ def subject_features(patches: np.ndarray, masks: np.ndarray) -> dict[str, np.nda
             "lung_fraction": masks.reshape(len(masks), -1).mean(axis=1)}
 
 
-def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np.ndarray, dict[str, float]]:
-    """Per-location lung fractions ``[P]`` of one subject under its stored affine and the refined fit.
+def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray,
+                                                              dict[str, float]]:
+    """Per-location lung fractions ``[P]`` of one subject: in the patch boxes (fixed size in mm)
+    under its stored affine and under the refined fit, and in the grid's boxes in atlas space.
 
     Args:
         args: ``(sid, lung labels path, stored transform path, work directory)``.
 
     Returns:
-        (sid, affine fractions, refined fractions, the refinement's soft-Dice info).
+        (sid, affine fractions, refined fractions, atlas-space fractions, the refinement's
+        soft-Dice info).
     """
     import SimpleITK as sitk
 
@@ -113,7 +118,12 @@ def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np
     for transform in (affine, refined):
         inside, _ = extract_patches(labels, patch_corners(grid["centers_mm"], transform, lung, size), size, False)
         fractions.append(inside.reshape(len(inside), -1).mean(axis=1))
-    return sid, fractions[0], fractions[1], {k: info[k] for k in ("soft_dice_affine", "soft_dice")}
+    # the same boxes in atlas space: the subject's lungs resampled onto the atlas grid through the
+    # affine, so that a box scales with the subject's lungs instead of keeping its size in mm
+    in_atlas = sitk.GetArrayViewFromImage(sitk.Resample(lung, atlas, affine, sitk.sitkNearestNeighbor, 0)) > 0
+    inside, _ = extract_patches(in_atlas, read_grid(f"{work}/atlas/grid.npz", "corners")["corners"], size, False)
+    fractions.append(inside.reshape(len(inside), -1).mean(axis=1))
+    return sid, *fractions, {k: info[k] for k in ("soft_dice_affine", "soft_dice")}
 
 
 def deformable_comparison(base, truth, n_subjects: int, workers: int) -> dict:
@@ -127,12 +137,14 @@ def deformable_comparison(base, truth, n_subjects: int, workers: int) -> dict:
     sids = [p.stem for p in sorted((work / "transforms").glob("*.tfm")) if p.stat().st_size > 0][:n_subjects]
     jobs = [(sid, str(work / "lung" / f"{sid}.nii.gz"), str(work / "transforms" / f"{sid}.tfm"), str(work))
             for sid in sids]
-    tables: dict[str, dict[str, np.ndarray]] = {"lung_fraction_affine": {}, "lung_fraction_deformable": {}}
+    tables: dict[str, dict[str, np.ndarray]] = {"lung_fraction_affine": {}, "lung_fraction_deformable": {},
+                                                 "lung_fraction_atlas_space": {}}
     dice = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for sid, affine, refined, info in tqdm(pool.map(lung_fractions, jobs), total=len(jobs),
-                                               desc="affine vs deformable", unit="subject"):
+        for sid, affine, refined, atlas_space, info in tqdm(pool.map(lung_fractions, jobs), total=len(jobs),
+                                                            desc="affine vs deformable", unit="subject"):
             tables["lung_fraction_affine"][sid], tables["lung_fraction_deformable"][sid] = affine, refined
+            tables["lung_fraction_atlas_space"][sid] = atlas_space
             dice.append([info["soft_dice_affine"], info["soft_dice"]])
     dice = np.asarray(dice)
     return {"subjects": len(sids), "median_soft_dice_affine": round(float(np.median(dice[:, 0])), 4),
