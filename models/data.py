@@ -30,33 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, SubjectError
+from pipeline.errors import SubjectError
 
 SAMPLER_MODES = ("location", "mixed")
 _KEY_STREAM = 3  # stream id of the neighbour-key draws (see PatchLoader)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# cohort inputs
-# ---------------------------------------------------------------------------------------------
-def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """All subject IDs of ``subjects_tsv`` and those whose ``patches`` status is ``ok``.
-
-    A subject without a patches status file counts as not ok (logged).
-
-    Returns:
-        (all sids in table order, ok sids in table order)
-    """
-    from pipeline.manifest import read_subjects
-    from pipeline.status import passed_subjects
-
-    path = Path(subjects_tsv)
-    if not path.is_file():
-        raise ConfigError(f"subjects table {path} does not exist")
-    sids = [s.sid for s in read_subjects(path)]
-    return sids, passed_subjects(layout, sids, "patches", missing="skip")
 
 
 # ---------------------------------------------------------------------------------------------

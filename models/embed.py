@@ -1,17 +1,15 @@
-"""Stage ``embed``: pre-projection features of every patch of every subject.
+"""Embed patches with a trained encoder: pre-projection features of every patch of every subject.
 
-``copdssl embed --run NAME --subjects work/subjects.tsv --work work [--device auto|cpu|cuda]``
-runs the run's trained encoder (``encoder.pt``) over each subject whose patches status is ok and
-writes ``work/runs/NAME/embeddings/{sid}.npy`` = float32 ``[P, D]`` (D = encoder feature_dim),
-atomically. Subjects whose patches failed get an empty tombstone file, because Snakemake declares
-one output per subject. Inference is batched, without gradients, in eval mode, with bf16 autocast
-on CUDA (channels_last_3d on CPU); the next subject's patches are read in a background thread.
-The patches are masked and windowed by the run's ``input`` settings exactly as in training.
+:func:`embed_cohort` runs a run's trained encoder (``encoder.pt``) over each subject whose patches
+are ok and writes ``[P, D]`` float32 features per subject (the ``embed`` stage,
+:mod:`pipeline.stages.embed`, and ``copdssl apply`` call it). Inference is batched, without
+gradients, in eval mode, with bf16 autocast on CUDA (channels_last_3d on CPU); the next subject's
+patches are read in a background thread. The patches are masked and windowed by the run's
+``input`` settings exactly as in training.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,13 +17,6 @@ from typing import Any
 import numpy as np
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run name (its encoder.pt is used)")
-    parser.add_argument("--subjects", required=True, help="screened subjects table (work/subjects.tsv)")
-    parser.add_argument("--work", required=True, help="work directory")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override embed.device")
 
 
 def embed_patches(encoder, patches: np.ndarray, locations, patch_input, batch_size: int = 512,
@@ -128,22 +119,3 @@ def embed_cohort(encoder_path, layout, run: str, sids: list[str], ok_sids: list[
             write_npy(layout.embedding(run, sid), features)
             counts["embedded"] += 1
     return counts
-
-
-def run(args: argparse.Namespace) -> int:
-    from models.data import patch_subjects
-    from pipeline.grid import read_grid
-    from models.train import resolve_device
-    from pipeline.cli import stage_settings
-    from pipeline.layout import Layout
-
-    settings = stage_settings(args, "embed")
-    layout = Layout(args.work)
-    device = resolve_device(args.device or settings["device"])
-    sids, ok_sids = patch_subjects(layout, args.subjects)
-    grid = read_grid(layout.grid(), "locations")
-    counts = embed_cohort(layout.encoder(args.run), layout, args.run, sids, ok_sids, grid["locations"],
-                          batch_size=int(settings["batch_size"]), device=device)
-    log.info("embed %s: %d subjects embedded, %d tombstones (patches not ok) on %s", args.run,
-             counts["embedded"], counts["tombstoned"], device)
-    return 0

@@ -1,23 +1,19 @@
-"""Stage ``train-graph``: graph-level MoCo on frozen patch embeddings (Sun et al. 2021, stage 2).
+"""Graph-level MoCo on frozen patch embeddings (Sun et al. 2021, stage 2).
 
-``copdssl train-graph --run NAME --subjects work/subjects.tsv --work work [--device ...]`` reads
-``work/runs/NAME/embeddings/{sid}.npy`` (float32 ``[P, D]``, memory-mapped) of every subject
-whose patches are ok and the grid adjacency, and trains a :class:`models.graph.GraphEncoder`
-with :class:`models.graph.GraphMoCo` (settings ``train.graph`` of the run): two views per subject
-graph (node dropout ``node_drop``, Gaussian feature noise ``feature_noise`` in cohort-sd units),
-plain InfoNCE at temperature ``graph.temperature`` (the run's IFM setting is deliberately not
-applied here: the graph stage only aggregates features the patch encoder already learned, and
-plain InfoNCE keeps it comparable across runs), Adam at ``graph.lr``. Writes
-``work/runs/NAME/graph.pt`` (weights-only loadable: state_dict + hyper-parameters) and
-``graph_history.tsv`` (``epoch, loss, acc1, lr, seconds``). ``graph.epochs: 0`` exports the
-randomly initialised GCN (with the cohort feature statistics).
+:func:`train_graph` trains a :class:`models.graph.GraphEncoder` with
+:class:`models.graph.GraphMoCo` on the per-location embeddings ``[P, D]`` of every subject and the
+grid adjacency (the ``train-graph`` stage, :mod:`pipeline.stages.train_graph`, feeds it). Settings
+are the run's ``train.graph``: two views per subject graph (node dropout ``node_drop``, Gaussian
+feature noise ``feature_noise`` in cohort-sd units), plain InfoNCE at temperature
+``graph.temperature`` (the run's IFM setting is deliberately not applied here: the graph stage
+only aggregates features the patch encoder already learned, and plain InfoNCE keeps it comparable
+across runs), Adam at ``graph.lr``. ``graph.epochs: 0`` returns the randomly initialised GCN (with
+the cohort feature statistics).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import time
 from typing import Any
 
@@ -26,13 +22,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 GRAPH_HISTORY_COLUMNS = ("epoch", "loss", "acc1", "lr", "seconds")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run name (its embeddings are the node features)")
-    parser.add_argument("--subjects", required=True, help="screened subjects table (work/subjects.tsv)")
-    parser.add_argument("--work", required=True, help="work directory")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
 
 
 def feature_stats(store) -> tuple[np.ndarray, np.ndarray]:
@@ -123,44 +112,3 @@ def train_graph(graph: dict[str, Any], store, edges: np.ndarray, edge_weight: np
             log.info("train-graph %s epoch %d: loss %.4f acc1 %.1f%% (%.1f s)", run_name, epoch + 1, row["loss"],
                      row["acc1"], row["seconds"])
     return model.encoder_q.eval(), history
-
-
-def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from models.data import PatchStore, patch_subjects
-    from pipeline.grid import read_grid
-    from models.graph import save_graph_encoder
-    from models.train import resolve_device
-    from pipeline.cli import stage_settings
-    from pipeline.errors import ConfigError
-    from pipeline.files import write_tsv
-    from pipeline.layout import Layout
-
-    settings = stage_settings(args, "train")
-    graph = settings["graph"]
-    if not graph["enabled"]:
-        raise ConfigError(f"run {args.run}: train.graph.enabled is false; the graph stage is not part of this run")
-    layout = Layout(args.work)
-    _, sids = patch_subjects(layout, args.subjects)
-    grid = read_grid(layout.grid(), "locations", "edges", "edge_weight")
-    paths = [layout.embedding(args.run, sid) for sid in sids]
-    empty = [sid for sid, path in zip(sids, paths) if path.is_file() and os.path.getsize(path) == 0]
-    if empty:
-        raise ConfigError(f"run {args.run}: embeddings of subjects with ok patches are tombstones: {', '.join(empty[:5])}")
-    store = PatchStore(paths, sids, dtype=np.float32, stage="train-graph")
-    if store.num_locations != grid["locations"].shape[0]:
-        raise ConfigError(f"run {args.run}: embeddings have {store.num_locations} rows, the grid "
-                          f"{grid['locations'].shape[0]} locations")
-    device = resolve_device(args.device or settings["device"])
-    try:
-        encoder, history = train_graph(graph, store, grid["edges"], grid["edge_weight"], seed=int(settings["seed"]),
-                                       device=device, run_name=args.run)
-    except ValueError as error:
-        raise ConfigError(f"run {args.run}: {error}") from None
-    save_graph_encoder(layout.graph_model(args.run), encoder, settings=graph, num_locations=store.num_locations,
-                       subjects=len(sids))
-    write_tsv(layout.graph_history(args.run), pd.DataFrame(history, columns=list(GRAPH_HISTORY_COLUMNS)))
-    log.info("train-graph %s: %d subjects, %d epochs -> %s", args.run, len(sids), len(history),
-             layout.graph_model(args.run))
-    return 0

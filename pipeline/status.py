@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import SubjectError
+from pipeline.errors import ConfigError, SubjectError
 from pipeline.files import atomic_path, read_json, write_json
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -67,6 +67,23 @@ def passed_subjects(layout, sids: Iterable[str], stage: str, missing: str = "err
         if read_status(path).get("status") == OK:
             passed.append(sid)
     return passed
+
+
+def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """All subject IDs of ``subjects_tsv`` and those whose ``patches`` status is ``ok``.
+
+    A subject without a patches status file counts as not ok (logged).
+
+    Returns:
+        (all sids in table order, ok sids in table order)
+    """
+    from pipeline.manifest import read_subjects
+
+    path = Path(subjects_tsv)
+    if not path.is_file():
+        raise ConfigError(f"subjects table {path} does not exist")
+    sids = [s.sid for s in read_subjects(path)]
+    return sids, passed_subjects(layout, sids, "patches", missing="skip")
 
 
 def _tombstone(paths: Iterable[str | os.PathLike]) -> None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import LocationBatchSampler, NeighbourKeys, PatchLoader, PatchStore, patch_subjects
+from models.data import LocationBatchSampler, NeighbourKeys, PatchLoader, PatchStore
+from pipeline.status import patch_subjects
 from pipeline.errors import SubjectError
 from pipeline.grid import read_grid
 from tests.train_fixtures import make_cohort

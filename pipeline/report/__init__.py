@@ -315,7 +315,6 @@ def _atlas_for_map(layout):
 
 
 def _readout_section(sets, readouts) -> list[str]:
-    from pipeline.feature_sets import feature_sets
     from pipeline.report import html, tables
 
     table = tables.readout_table(sets, readouts)
@@ -371,7 +370,6 @@ def _qc_section(config, layout, metrics, outcomes, figures_dir) -> list[str]:
 
 
 def _provenance_section(layout, prov) -> list[str]:
-    from pipeline.feature_sets import feature_sets
     from pipeline.report import html, tables
 
     parts = [html.key_values({"config sha256": prov["config_sha256"], "date": prov["date"],

@@ -19,7 +19,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.baselines import BASELINE_LABELS
 from pipeline.feature_sets import FeatureSet
 from pipeline.layout import Layout
 

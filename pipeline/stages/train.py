@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pipeline.stages import add_run_arguments, run_inputs
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run name (a key of `runs` in the config)")
-    parser.add_argument("--subjects", required=True, help="screened subjects table (work/subjects.tsv)")
-    parser.add_argument("--work", required=True, help="work directory (patches, atlas grid, runs)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override train.device")
+    add_run_arguments(parser, "run name (a key of `runs` in the config)", "train.device")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimisation steps in total "
                         "(checkpointed; a later call without it continues the run)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
@@ -33,17 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.data import PatchStore, patch_subjects
+    from models.data import PatchStore
     from pipeline.grid import read_grid
     from models.distributed import cleanup, init_from_env
     from models.train import Trainer
-    from pipeline.cli import stage_settings
     from pipeline.errors import ConfigError
-    from pipeline.layout import Layout
 
-    settings = stage_settings(args, "train")
-    layout = Layout(args.work)
-    _, sids = patch_subjects(layout, args.subjects)
+    settings, layout, _, sids = run_inputs(args, "train")
     if len(sids) < 2:
         raise ConfigError(f"run {args.run}: training needs at least 2 subjects with ok patches, found {len(sids)}")
     grid = read_grid(layout.grid(), "locations", "edges", "patch_size")
