@@ -22,23 +22,15 @@ import json
 import numpy as np
 
 from benchmarks.common import read_out_factors
-from benchmarks.science import OUT_DIR, RESULTS_DIR
+from benchmarks.science import OUT_DIR, RESULTS_DIR, rung_settings
 
 FACTORS = ("cle", "pse", "awt", "noise_hu", "calibration_hu", "lung_height_mm")
-
-
-def bins_width(resolved: dict) -> int:
-    """Columns of the bins at the end of a run's embedding: windows x bins (0 without bins).
-
-    Args:
-        resolved: the run's full training settings (a rung record's ``resolved``).
-    """
-    return len(resolved["input"]["windows"]) * int(resolved["encoder"]["histogram_bins"])
 
 
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
+    from models.encoder import histogram_columns
     from pipeline.evaluate import read_feature_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     "command": f"python -m benchmarks.feature_parts --cohort-seed {args.cohort_seed} "
                                f"--runs {' '.join(args.runs)}", "runs": {}}
     for rung in args.runs:
-        record = json.loads((RESULTS_DIR / f"seed{args.cohort_seed}" / f"{rung}.json").read_text())
-        n_bins = bins_width(record["resolved"])
+        n_bins = histogram_columns(rung_settings(args.cohort_seed, rung))
         if n_bins == 0:
             raise SystemExit(f"rung {rung} has no histogram bins to split off")
         per_seed = {}

@@ -18,7 +18,7 @@ measures, on the preprocessed cohort (``benchmarks/out/science/seed<seed>/``):
 Feature sets, all mean-pooled over the locations:
 
 - ``bins_whole_patch``: the encoder's histogram bins as it computes them (``SoftHistogram`` of
-  the lung-masked two-window input, non-lung voxels at ``fill_hu``). Checked against the bins
+  the run's lung-masked, windowed input, non-lung voxels at ``fill_hu``). Checked against the bins
   stored in the run's embeddings (their last ``C x K`` columns) before anything is read out;
 - ``bins_lung_only``: the same bins counting only lung voxels (``SoftHistogram`` weighted by the
   lung mask): what a mask-aware histogram would give;
@@ -46,19 +46,19 @@ import json
 import numpy as np
 
 from benchmarks.common import read_out_factors
-from benchmarks.science import OUT_DIR, RESULTS_DIR
+from benchmarks.science import OUT_DIR, RESULTS_DIR, rung_settings
 
 FACTORS = ("cle", "awt", "density_shift_hu", "lung_height_mm", "lung_height_beyond_inspiration")
-WINDOWS = ((-1024.0, -700.0), (-1024.0, 240.0))  # the default's train.input.windows
-BINS = 16  # the default's train.encoder.histogram_bins
 
 
-def subject_features(patches: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+def subject_features(patches: np.ndarray, masks: np.ndarray, patch_input, histogram) -> dict[str, np.ndarray]:
     """One subject's probe features.
 
     Args:
         patches: int16 HU ``[P, S, S, S]``.
         masks: bool lung masks ``[P, S, S, S]``.
+        patch_input: the run's :class:`models.intensity.PatchInput` (lung masking and windows).
+        histogram: the run's :class:`models.histogram.SoftHistogram` (C channels, K bins).
 
     Returns:
         ``bins_per_location`` ``[P, C * K]`` (whole patch, as the encoder computes them),
@@ -67,11 +67,6 @@ def subject_features(patches: np.ndarray, masks: np.ndarray) -> dict[str, np.nda
     """
     import torch
 
-    from models.histogram import SoftHistogram
-    from models.intensity import PatchInput
-
-    patch_input = PatchInput(windows=WINDOWS, lung_mask=True)
-    histogram = SoftHistogram(patch_input.channels, BINS)
     mask = torch.from_numpy(masks)
     with torch.no_grad():
         x = patch_input(torch.from_numpy(patches), mask)  # P x C x S x S x S
@@ -105,7 +100,7 @@ def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np
     sid, lung_path, transform_path, work = args
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     settings = validate_section("register", {})
-    grid = read_grid(f"{work}/atlas/grid.npz", "centers_mm", "patch_size")
+    grid = read_grid(f"{work}/atlas/grid.npz", "centers_mm", "corners", "patch_size")
     lung = read_volume(lung_path, sid, "probe")
     atlas = read_volume(f"{work}/atlas/atlas_lung.nii.gz", sid, "probe")
     affine = read_transform(transform_path, sid, "probe")
@@ -121,7 +116,7 @@ def lung_fractions(args: tuple[str, str, str, str]) -> tuple[str, np.ndarray, np
     # the same boxes in atlas space: the subject's lungs resampled onto the atlas grid through the
     # affine, so that a box scales with the subject's lungs instead of keeping its size in mm
     in_atlas = sitk.GetArrayViewFromImage(sitk.Resample(lung, atlas, affine, sitk.sitkNearestNeighbor, 0)) > 0
-    inside, _ = extract_patches(in_atlas, read_grid(f"{work}/atlas/grid.npz", "corners")["corners"], size, False)
+    inside, _ = extract_patches(in_atlas, grid["corners"], size, False)
     fractions.append(inside.reshape(len(inside), -1).mean(axis=1))
     return sid, *fractions, {k: info[k] for k in ("soft_dice_affine", "soft_dice")}
 
@@ -167,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from tqdm import tqdm
 
+    from models.encoder import histogram_columns, input_channels
+    from models.histogram import SoftHistogram
+    from models.intensity import PatchInput
     from pipeline.evaluate import read_feature_table
     from pipeline.patches import unpack_masks
 
@@ -182,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = base / "work" / "runs" / f"{args.run}.s0"
     truth = pd.read_csv(base / "data" / "truth.tsv", sep="\t").set_index("sid")
     truth["lung_height_beyond_inspiration"], floor = beyond_inspiration(truth)
+    settings = rung_settings(args.cohort_seed, args.run)  # the run's windows and bins, as it trained
+    patch_input = PatchInput.from_settings(settings["input"])
+    histogram = SoftHistogram(input_channels(settings), int(settings["encoder"]["histogram_bins"]))
+    n_bins = histogram_columns(settings)  # the embeddings' last C x K columns are the bins
 
     tables: dict[str, dict[str, np.ndarray]] = {"bins_whole_patch": {}, "bins_lung_only": {}, "lung_fraction": {}}
     largest_bin_difference = 0.0
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in tqdm(paths, desc="lung-height probe", unit="subject"):
         patches = np.load(path)
         masks = unpack_masks(np.load(base / "work" / "patches_lung" / path.name), patches.shape[-1])
-        features = subject_features(patches, masks)
-        stored = np.load(run_dir / "embeddings" / path.name)[:, -features["bins_per_location"].shape[1]:]
+        features = subject_features(patches, masks, patch_input, histogram)
+        stored = np.load(run_dir / "embeddings" / path.name)[:, -n_bins:]
         largest_bin_difference = max(largest_bin_difference,
                                      float(np.abs(stored - features["bins_per_location"]).max()))
         for name in tables:
@@ -202,12 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     feature_sets = {name: pd.DataFrame.from_dict(table, orient="index") for name, table in tables.items()}
     feature_sets["densitometry"] = read_feature_table(base / "work" / "baselines" / "densitometry.tsv")
     learned = read_feature_table(run_dir / "features_mean.tsv")
-    n_bins = len(WINDOWS) * BINS  # the embeddings' last C x K columns are the bins (models.histogram)
     feature_sets[f"{args.run}.s0"] = learned
     feature_sets[f"{args.run}.s0 CNN features only"] = learned.iloc[:, :-n_bins]
     feature_sets[f"{args.run}.s0 bins only"] = learned.iloc[:, -n_bins:]
     result = {"cohort_seed": args.cohort_seed, "subjects": len(paths), "run": f"{args.run}.s0",
-              "windows_hu": WINDOWS, "bins": BINS, "inspiration_floor_r2": round(floor, 3),
+              "windows_hu": patch_input.windows, "bins": histogram.bins, "inspiration_floor_r2": round(floor, 3),
               "largest_bin_difference_to_the_embeddings": largest_bin_difference,
               "command": f"python -m benchmarks.lung_height_probe --cohort-seed {args.cohort_seed} --run {args.run}",
               "read_out": {name: read_out_factors(features, truth, FACTORS) for name, features in feature_sets.items()}}

@@ -88,6 +88,15 @@ def resolved_train(rungs: dict[str, dict[str, Any]], name: str, seen: tuple[str,
     return deep_merge(resolved_train(rungs, parent, (*seen, name)), rung.get("train") or {})
 
 
+def rung_settings(cohort_seed: int, rung: str) -> dict[str, Any]:
+    """The full training settings its saved record (``benchmarks/science/seed<N>/<rung>.json``)
+    gives a learned rung's runs."""
+    path = RESULTS_DIR / f"seed{int(cohort_seed)}" / f"{rung}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved result {path}: run the rung first (--rungs {rung})")
+    return json.loads(path.read_text())["resolved"]
+
+
 class Cohort:
     """One synthetic cohort and its shared preprocessing, under ``OUT_DIR/seed<N>[-quick]``."""
 

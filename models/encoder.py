@@ -233,6 +233,13 @@ def input_channels(settings: dict[str, Any]) -> int:
     return len(settings["input"]["windows"])
 
 
+def histogram_columns(settings: dict[str, Any]) -> int:
+    """C x K, the histogram bins of a resolved run (0 without bins): the last columns of its
+    backbone output (:class:`models.histogram.WithHistogram`), and of its embeddings when the
+    feature layer passes them on unchanged (``feature_dim`` = CNN width + C x K)."""
+    return input_channels(settings) * int(settings["encoder"]["histogram_bins"])
+
+
 def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | None = None,
                           in_channels: int = 1) -> PatchEncoder:
     """Build a :class:`PatchEncoder` from the ``train.encoder`` config section (schema defaults

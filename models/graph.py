@@ -164,7 +164,8 @@ class GraphMoCo(nn.Module):
     ``forward(view_q, view_k) -> (l_pos [B, 1], l_neg [B, K])`` raw cosine similarities; in
     training mode the momentum update happens before the keys are computed and the keys are
     enqueued afterwards (as in :class:`models.moco.MoCo`); in eval mode both are left alone, so
-    that scoring a validation batch changes neither the key encoder nor the queue. Plain InfoNCE on these (:class:`models.ifm.IFMLoss` with method ``none``) is the
+    that scoring a validation batch changes neither the key encoder nor the queue. Plain InfoNCE
+    on these (:class:`models.ifm.IFMLoss` with method ``none``) is the
     graph stage's loss.
     """
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.encoder import ConvBackbone, PatchEncoder, build_backbone, encoder_from_settings
+from models.encoder import ConvBackbone, PatchEncoder, build_backbone, encoder_from_settings, histogram_columns
 
 torch.set_num_threads(1)
 
@@ -98,6 +98,12 @@ def test_histogram_bins_extend_the_backbone_features():
     features = encoder.backbone(x)
     assert features.shape == (2, 8 + 8) and encoder.feature.in_features == 16
     assert torch.allclose(features[:, 8:], encoder.backbone.histogram(x))
+    resolved = validate_config({"train": {"encoder": {"histogram_bins": 8}}})["train"]
+    assert histogram_columns(resolved) == 8 == encoder.backbone.histogram.out_dim  # the last columns are the bins
+    two_windows = validate_config({"train": {"encoder": {"histogram_bins": 8},
+                                             "input": {"windows": [[-1024, -700], [-1024, 240]]}}})["train"]
+    assert histogram_columns(two_windows) == 16
+    assert histogram_columns(validate_config({})["train"]) == 0
     assert encoder.embed(x).shape == (2, 12) and plain.backbone(x).shape == (2, 8)
     with pytest.raises(Exception, match="histogram_bins"):
         validate_config({"train": {"encoder": {"histogram_bins": 1}}})

@@ -86,7 +86,7 @@ EVALUATIONS = [(s.name, s.pooling) for s in _EVALUATED]
 # The (run, pooling) feature sets among them.
 FEATURE_SETS = [(s.name, s.pooling) for s in _EVALUATED if s.kind == "run"]
 # What the evaluate rule's {name} and {fpool} wildcards may be.
-EVALUATION_NAMES = [*BASELINE_POOLING, *RUNS, *dict.fromkeys(name for name, _ in EVALUATIONS)]
+EVALUATION_NAMES = list(dict.fromkeys([*BASELINE_POOLING, *RUNS, *(name for name, _ in EVALUATIONS)]))
 EVALUATION_POOLINGS = list(dict.fromkeys([*POOLINGS, *BASELINE_POOLING.values()]))
 
 
