@@ -9,6 +9,7 @@ Runs (``runs.<name>``) are deep-merged over ``train`` and validated as a whole.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,20 @@ _DefaultFillingValidator = _with_defaults(Draft202012Validator)
 
 
 def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict[str, Any]:
+    """The schema at ``path``, parsed once per process (a copy, so callers may change it).
+
+    Every stage job validates its settings, and the pure-Python YAML parser took 0.12 s per read
+    of the schema: libyaml's loader (when PyYAML has it) and one read per process cut that to a
+    few ms (benchmarks/bench_preprocess.py).
+    """
+    return copy.deepcopy(_parsed_schema(Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_schema(path: Path) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path) as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=loader)
 
 
 def _key(path) -> str:

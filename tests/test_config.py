@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import deep_merge, load_config, run_settings, validate_config
+from pipeline.config import SCHEMA_PATH, deep_merge, load_config, load_schema, run_settings, validate_config
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +74,16 @@ def test_bad_values_name_the_key(default, override, key):
 def test_unknown_run_is_rejected(default):
     with pytest.raises(ConfigError, match="no run named 'nope'"):
         run_settings(validate_config(default), "nope")
+
+
+def test_schema_is_read_once_and_handed_out_as_copies():
+    """load_schema parses the file once per process; a caller changing its copy changes no one else's."""
+    first = load_schema()
+    assert first == yaml.safe_load(SCHEMA_PATH.read_text())
+    first["properties"].clear()
+    second = load_schema()
+    assert second["properties"] and second == yaml.safe_load(SCHEMA_PATH.read_text())
+    assert second is not load_schema()
 
 
 def test_bad_files(tmp_path):
