@@ -35,10 +35,11 @@ import json, os, resource, sys, time
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 import SimpleITK as sitk
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+from pipeline.config import validate_section
 from pipeline.ingest import ingest_subject
 image, fmt, out, spacing = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 start = time.perf_counter()
-qc = ingest_subject("bench", image, fmt, out, spacing_mm=spacing, min_slices=1)
+qc = ingest_subject("bench", image, fmt, out, **validate_section("ingest", {"spacing_mm": spacing, "min_slices": 1}))
 wall = time.perf_counter() - start
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"wall_s": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "qc": qc}))

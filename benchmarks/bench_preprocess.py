@@ -87,7 +87,7 @@ def make_inputs(scratch: Path, resolution: str, spacing: float, patch_size: int,
     import SimpleITK as sitk
 
     from pipeline.atlas import GridSpec, build_grid, crop_atlas
-    from pipeline.config import validate_config
+    from pipeline.config import validate_config, validate_section
     from pipeline.ct_io import write_volume
     from pipeline.files import write_npz
     from pipeline.lung import segment_lungs
@@ -114,7 +114,7 @@ def make_inputs(scratch: Path, resolution: str, spacing: float, patch_size: int,
     del rendered
     render_s = time.perf_counter() - started
     started = time.perf_counter()
-    spec = GridSpec(patch_size=patch_size, step=step)
+    spec = GridSpec.from_settings(validate_section("atlas", {"patch_size": patch_size, "step": step}))
     atlas = crop_atlas(segment_lungs(ct, sid=atlas_plan.sid).labels, spec.margin)
     grid = build_grid(atlas, spec)
     write_volume(atlas, scratch / "work" / "atlas" / "atlas_lung.nii.gz")

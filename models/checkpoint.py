@@ -66,13 +66,15 @@ def read_encoder(path: str | os.PathLike, device: Any = "cpu"):
         ``num_locations``, ``feature_dim``).
     """
     from models.encoder import encoder_from_settings, input_channels
+    from pipeline.config import validate_section
 
     saved = load(path)
     missing = {"state_dict", "settings", "patch_size", "num_locations"} - set(saved)
     if missing:
         raise ConfigError(f"{path} is not an encoder file: missing {', '.join(sorted(missing))}")
-    encoder = encoder_from_settings(saved["settings"]["encoder"], int(saved["patch_size"]),
-                                    in_channels=input_channels(saved["settings"]))
+    # an encoder saved before a settings key existed gets the schema's default for it
+    settings = validate_section("train", saved["settings"])
+    encoder = encoder_from_settings(settings["encoder"], int(saved["patch_size"]), in_channels=input_channels(settings))
     encoder.load_state_dict(saved["state_dict"])
     metadata = {k: v for k, v in saved.items() if k != "state_dict"}
     return encoder.to(device).eval(), metadata

@@ -242,29 +242,34 @@ def histogram_columns(settings: dict[str, Any]) -> int:
 
 def encoder_from_settings(encoder: dict[str, Any], patch_size: int, seed: int | None = None,
                           in_channels: int = 1) -> PatchEncoder:
-    """Build a :class:`PatchEncoder` from the ``train.encoder`` config section (schema defaults
-    apply to missing keys) for ``in_channels`` input channels (see :func:`input_channels`); with
-    ``histogram_bins`` > 0 the backbone's output is extended by a soft histogram (fixed bins) of the
-    input (:class:`models.histogram.WithHistogram`). With
-    ``seed``, the initial weights are drawn from a seeded RNG (the global RNG state is saved and
-    restored, so callers see no side effect)."""
+    """Build a :class:`PatchEncoder` from a validated ``train.encoder`` section (every key present:
+    :func:`pipeline.config.validate_section` fills the schema's defaults, the only place they are
+    spelled) for ``in_channels`` input channels (see :func:`input_channels`). A missing or unknown
+    key is a ``TypeError`` naming it. See :func:`build_encoder`."""
+    return build_encoder(patch_size, in_channels=in_channels, seed=seed, **encoder)
+
+
+def build_encoder(patch_size: int, *, backbone: str, widths: Sequence[int], feature_dim: int, projection_dim: int,
+                  use_location: bool, multiscale: bool, histogram_bins: int, backbone_kwargs: dict[str, Any],
+                  in_channels: int = 1, seed: int | None = None) -> PatchEncoder:
+    """A :class:`PatchEncoder` for patches ``[N, in_channels, S, S, S]`` with ``S = patch_size``.
+
+    With ``histogram_bins`` > 0 the backbone's output is extended by a soft histogram (fixed bins)
+    of the input (:class:`models.histogram.WithHistogram`). With ``seed``, the initial weights are
+    drawn from a seeded RNG (the global RNG state is saved and restored, so callers see no side
+    effect). The keywords are the ``train.encoder`` keys of config/schema/config.schema.yaml.
+    """
+    def build() -> PatchEncoder:
+        net, net_dim = build_backbone(backbone, widths, patch_size, int(feature_dim), in_channels,
+                                      multiscale=bool(multiscale), **dict(backbone_kwargs or {}))
+        if histogram_bins:
+            net = WithHistogram(net, in_channels, int(histogram_bins))
+            net_dim += net.histogram.out_dim
+        return PatchEncoder(net, net_dim, feature_dim=int(feature_dim), projection_dim=int(projection_dim),
+                            use_location=bool(use_location))
+
     if seed is None:
-        return _encoder_from_settings(encoder, patch_size, in_channels)
+        return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return _encoder_from_settings(encoder, patch_size, in_channels)
-
-
-def _encoder_from_settings(encoder: dict[str, Any], patch_size: int, in_channels: int) -> PatchEncoder:
-    feature_dim = int(encoder.get("feature_dim", 128))
-    backbone, backbone_dim = build_backbone(encoder.get("backbone", "conv"),
-                                            encoder.get("widths", (8, 16, 32, 64, 128)), patch_size,
-                                            feature_dim, in_channels, multiscale=bool(encoder.get("multiscale", False)),
-                                            **dict(encoder.get("backbone_kwargs") or {}))
-    bins = int(encoder.get("histogram_bins", 0))
-    if bins:
-        backbone = WithHistogram(backbone, in_channels, bins)
-        backbone_dim += backbone.histogram.out_dim
-    return PatchEncoder(backbone, backbone_dim, feature_dim=feature_dim,
-                        projection_dim=int(encoder.get("projection_dim", 128)),
-                        use_location=bool(encoder.get("use_location", True)))
+        return build()

@@ -133,7 +133,7 @@ def validate_moco_settings(settings: dict[str, Any], world_size: int = 1) -> Non
     """Reject combinations of training settings that the schema cannot express.
 
     Args:
-        settings: a resolved run (the ``train`` section with the run's overrides).
+        settings: a resolved, validated run (the ``train`` section with the run's overrides).
         world_size: number of DDP processes (keys of all ranks are enqueued together).
 
     Raises:
@@ -142,18 +142,18 @@ def validate_moco_settings(settings: dict[str, Any], world_size: int = 1) -> Non
             facebookresearch/moco requires), or 'split' shuffle-BN with fewer than 2 groups or
             sub-batches of fewer than 2 samples.
     """
-    moco = settings.get("moco", {})
-    batch = int(settings.get("batch_size", 128))
-    queue_size = int(moco.get("queue_size", 4096))
-    groups = int(moco.get("shuffle_bn_groups", 2))
-    if moco.get("queue", "per_location") == "per_location" and settings.get("sampler", "location") == "location":
+    moco = settings["moco"]
+    batch = int(settings["batch_size"])
+    queue_size = int(moco["queue_size"])
+    groups = int(moco["shuffle_bn_groups"])
+    if moco["queue"] == "per_location" and settings["sampler"] == "location":
         per_step = batch * int(world_size)
         if queue_size % per_step:
             across = f" x {world_size} processes" if world_size > 1 else ""
             raise ValueError(f"train.moco.queue_size {queue_size} is not a multiple of train.batch_size {batch}"
                              f"{across}: per-location queues with location batches enqueue a whole batch into one "
                              f"location's queue each step")
-    if moco.get("shuffle_bn", "split") == "split" and world_size == 1:
+    if moco["shuffle_bn"] == "split" and world_size == 1:
         if groups < 2:
             raise ValueError(f"train.moco.shuffle_bn_groups {groups} must be >= 2 for shuffle_bn 'split'")
         if batch < 2 * groups:
@@ -170,12 +170,12 @@ def moco_from_settings(settings: dict[str, Any], patch_size: int, num_locations:
     shuffle permutations are seeded by ``settings['seed']``.
     """
     validate_moco_settings(settings, world_size=world_size)
-    seed = int(settings.get("seed", 0))
-    moco = settings.get("moco", {})
-    encoder = encoder_from_settings(settings.get("encoder", {}), patch_size,
+    seed = int(settings["seed"])
+    moco = settings["moco"]
+    encoder = encoder_from_settings(settings["encoder"], patch_size,
                                     seed=seed if init_seed is None else int(init_seed),
                                     in_channels=input_channels(settings))
-    queue = NegativeQueue(num_locations, int(moco.get("queue_size", 4096)), encoder.projection_dim,
-                          shared=moco.get("queue", "per_location") == "shared", seed=seed)
-    return MoCo(encoder, queue, momentum=float(moco.get("momentum", 0.999)),
-                shuffle_bn=moco.get("shuffle_bn", "split"), groups=int(moco.get("shuffle_bn_groups", 2)), seed=seed)
+    queue = NegativeQueue(num_locations, int(moco["queue_size"]), encoder.projection_dim,
+                          shared=moco["queue"] == "shared", seed=seed)
+    return MoCo(encoder, queue, momentum=float(moco["momentum"]), shuffle_bn=moco["shuffle_bn"],
+                groups=int(moco["shuffle_bn_groups"]), seed=seed)

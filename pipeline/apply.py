@@ -64,14 +64,14 @@ def apply_bundle(bundle_dir, manifest, out, *, device: str = "cpu", batch_size: 
                    status_path=layout.status("ingest", sid), settings=config["ingest"])
         run_lung(sid=sid, ct_path=layout.ct(sid), out=layout.lung(sid), density_path=layout.density(sid),
                  status_path=layout.status("lung", sid), upstream=[layout.status("ingest", sid)],
-                 settings=config["lung"])
+                 **config["lung"])
         run_register(sid=sid, lung_path=layout.lung(sid), atlas_path=layout.atlas_mask(), out=layout.transform(sid),
                      status_path=layout.status("register", sid), upstream=[layout.status("lung", sid)],
                      settings=config["register"])
         run_patches(sid=sid, ct_path=layout.ct(sid), transform_path=layout.transform(sid), grid_path=layout.grid(),
                     out=layout.patches(sid), status_path=layout.status("patches", sid),
                     upstream=[layout.status("register", sid)], lung_path=layout.lung(sid),
-                    mask_out=layout.patch_mask(sid) if masked else None, settings=config["patches"])
+                    mask_out=layout.patch_mask(sid) if masked else None, clip_hu=config["patches"]["clip_hu"])
     sids = [s.sid for s in subjects]
     ok = passed_subjects(layout, sids, "patches", missing="skip")
     write_checkpoints(bundle, layout)

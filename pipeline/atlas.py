@@ -57,10 +57,10 @@ class GridSpec:
         adjacency_cutoff: keep edges with overlap / S³ at least this (0..1).
     """
 
-    patch_size: int = 32
-    step: int = 26
-    min_lung_fraction: float = 0.25
-    adjacency_cutoff: float = 0.13
+    patch_size: int
+    step: int
+    min_lung_fraction: float
+    adjacency_cutoff: float
 
     def __post_init__(self):
         for name in ("patch_size", "step"):
@@ -79,11 +79,8 @@ class GridSpec:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> GridSpec:
-        """From the config's ``atlas`` section (missing keys take the defaults)."""
-        defaults = cls()
-        return cls(patch_size=settings.get("patch_size", defaults.patch_size), step=settings.get("step", defaults.step),
-                   min_lung_fraction=settings.get("min_lung_fraction", defaults.min_lung_fraction),
-                   adjacency_cutoff=settings.get("adjacency_cutoff", defaults.adjacency_cutoff))
+        """From the config's validated ``atlas`` section (the schema holds the defaults)."""
+        return cls(**{name: settings[name] for name in ("patch_size", "step", "min_lung_fraction", "adjacency_cutoff")})
 
 
 def choose_atlas_subject(volumes: dict[str, float]) -> str:
@@ -334,15 +331,15 @@ def build_atlas(labels: dict[str, Any], settings: dict[str, Any], spec: GridSpec
     return template, summary
 
 
-def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str, Any] | None = None,
-              register_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str, Any],
+              register_settings: dict[str, Any]) -> dict[str, Any]:
     """Build (or copy from ``atlas.reference``) and write the atlas lung mask and ``grid.npz``.
 
     Args:
         sids: the atlas sample (:func:`pipeline.template.atlas_sample`); unused with a reference.
-        settings: the config's ``atlas`` section.
-        register_settings: the ``register`` section or part of it (the groupwise registrations use
-            its :data:`pipeline.register.FIT_KEYS`).
+        settings: the config's validated ``atlas`` section.
+        register_settings: the validated ``register`` section (the groupwise registrations use its
+            :data:`pipeline.register.FIT_KEYS`).
 
     Returns:
         summary: method, sample, number of patches and edges.
@@ -352,13 +349,10 @@ def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str,
     """
     import shutil
 
-    from pipeline.config import validate_section
     from pipeline.ct_io import read_volume, write_volume
     from pipeline.files import atomic_path, write_npz
     from pipeline.register import FIT_KEYS
 
-    settings = validate_section("atlas", settings)
-    register = validate_section("register", register_settings)
     try:
         spec = GridSpec.from_settings(settings)
     except ValueError as error:
@@ -379,7 +373,7 @@ def run_atlas(*, sids: list[str], work, out_atlas, out_grid, settings: dict[str,
     if not labels:
         raise CopdsslError(f"atlas: none of the {len(sids)} sample subjects has an ok lung status; cannot build "
                            "the atlas (raise atlas.build_subjects or fix the lung stage)")
-    atlas, summary = build_atlas(labels, {**settings, "register": {key: register[key] for key in FIT_KEYS}}, spec)
+    atlas, summary = build_atlas(labels, {**settings, "register": {key: register_settings[key] for key in FIT_KEYS}}, spec)
     grid = build_grid(atlas, spec)
     if len(grid["corners"]) == 0:
         raise CopdsslError(f"atlas: no patch of the atlas has a lung fraction ≥ {spec.min_lung_fraction}")
@@ -402,14 +396,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from pipeline.cli import full_config, stage_settings
+    from pipeline.cli import full_config, parse_settings, stage_settings
     from pipeline.template import atlas_sample
 
     settings = stage_settings(args, "atlas")
-    register = json.loads(args.register_settings) if args.register_settings else \
-        (None if args.settings else full_config(args)["register"])
+    if args.register_settings:
+        register = parse_settings(args.register_settings, "register", "--register-settings")
+    elif args.settings:  # one source for both sections: never the file's register beside JSON atlas settings
+        raise ConfigError("atlas: --settings needs --register-settings (both sections as JSON, as Snakemake "
+                          "passes them), or give neither and use --config")
+    else:
+        register = full_config(args)["register"]
     sids = args.sids
     if sids is None:
         if not args.subjects and not settings["reference"]:

@@ -290,7 +290,7 @@ def read_bundle(root: str | Path) -> Bundle:
 
     from models.encoder import encoder_from_settings, input_channels
     from pipeline.grid import read_grid
-    from pipeline.config import validate_config
+    from pipeline.config import validate_config, validate_section
 
     root = Path(root)
     if not root.is_dir():
@@ -315,8 +315,8 @@ def read_bundle(root: str | Path) -> Bundle:
                           f"{len(grid['corners'])} locations, {PREPROCESSING_FILE} says {spec['patch_size']}³ at "
                           f"{spec['num_locations']}")
     state = _read_safetensors(root / ENCODER_FILE)
-    encoder = encoder_from_settings(spec["encoder"], int(spec["patch_size"]),
-                                    in_channels=input_channels({"input": spec["input"]}))
+    saved = validate_section("train", {"encoder": spec["encoder"], "input": spec["input"]})  # schema defaults
+    encoder = encoder_from_settings(saved["encoder"], int(spec["patch_size"]), in_channels=input_channels(saved))
     _load_checked(encoder, state, root / ENCODER_FILE)
     graph = None
     if spec.get("graph"):

@@ -52,19 +52,31 @@ def stage_settings(args: argparse.Namespace, section: str | None) -> dict[str, A
     the jobs that use it; by hand, ``--config FILE`` reads the file. Either way the settings are
     checked against the schema (one line naming a bad key) and missing keys get their defaults.
     """
-    from pipeline.config import load_config, run_settings, validate_config, validate_section
+    from pipeline.config import load_config, run_settings
 
     if getattr(args, "settings", None):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"--settings is not valid JSON: {error}") from None
-        return validate_config(settings) if section is None else validate_section(section, settings)
+        return parse_settings(args.settings, section)
 
     config = load_config(args.config)
     if section == "train" and getattr(args, "run", None):
         return run_settings(config, args.run)
     return config if section is None else config[section]
+
+
+def parse_settings(text: str, section: str | None, option: str = "--settings") -> dict[str, Any]:
+    """Settings given as JSON on the command line (``option``), validated: the ``section`` of the
+    schema (the whole config when ``None``), with missing keys filled from the schema's defaults.
+
+    Raises:
+        ConfigError: not JSON, or a bad key (one line naming ``option`` or the key).
+    """
+    from pipeline.config import validate_config, validate_section
+
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{option} is not valid JSON: {error}") from None
+    return validate_config(settings) if section is None else validate_section(section, settings)
 
 
 def full_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -88,9 +88,8 @@ def _calibrate(ct, sid: str, settings: dict[str, Any]):
     return calibrated, qc
 
 
-def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, spacing_mm: float = 1.0,
-                   spacing_tolerance: float = 0.05, min_slices: int = 16,
-                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, spacing_mm: float,
+                   spacing_tolerance: float, min_slices: int, calibration: dict[str, Any]) -> dict[str, Any]:
     """Read, check, reorient and resample one raw CT and write it to ``out``.
 
     Args:
@@ -102,7 +101,10 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
         spacing_tolerance: relative tolerance on DICOM slice spacing.
         min_slices: minimum number of slices along the image's third axis.
         calibration: the ``ingest.calibration`` settings (``enabled``, ``air_hu``, ``blood_hu``,
-            ``on_failure``); missing keys take the schema's defaults (off).
+            ``on_failure``).
+
+    The keywords are the validated ``ingest`` section (:func:`pipeline.config.validate_section`
+    fills the schema's defaults: ``ingest_subject(..., **validate_section("ingest", {}))``).
 
     Returns:
         QC metrics for the status JSON. Shapes/spacings are in array order: the original
@@ -116,12 +118,10 @@ def ingest_subject(sid: str, image: str | Path, fmt: str, out: str | Path, *, sp
     import SimpleITK as sitk
 
     from pipeline import ct_io
-    from pipeline.config import validate_section
     from pipeline.errors import SubjectError
 
     if fmt not in ("nifti", "dicom"):
         raise ValueError(f"fmt must be 'nifti' or 'dicom', got {fmt!r}")
-    calibration = validate_section("ingest", {"calibration": calibration or {}})["calibration"]
     started = time.perf_counter()
     info: dict[str, Any] = {}
     if fmt == "nifti":
@@ -171,13 +171,12 @@ def run_ingest(*, sid: str, image, fmt: str, out, status_path, settings: dict[st
     """The ``ingest`` stage for one subject: the CT to ``out``, its status (QC or failure) to ``status_path``.
 
     Args:
-        settings: the config's ``ingest`` section.
+        settings: the config's validated ``ingest`` section (the keywords of :func:`ingest_subject`).
     """
     from pipeline.status import run_subject_stage
 
-    options = {key: settings[key] for key in ("spacing_mm", "spacing_tolerance", "min_slices", "calibration")}
     return run_subject_stage(sid=sid, stage=STAGE, status_path=status_path, outputs=[out],
-                             work=lambda: ingest_subject(sid, image, fmt, out, **options))
+                             work=lambda: ingest_subject(sid, image, fmt, out, **settings))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -466,23 +466,20 @@ def segment_lungs(ct, *, threshold_hu: float = -400.0, min_lung_volume_ml: float
 # ---- stage ---------------------------------------------------------------------------------
 
 
-def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(),
-             settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_lung(*, sid: str, ct_path, out, density_path, status_path, upstream=(), threshold_hu: float,
+             min_lung_volume_ml: float) -> dict[str, Any]:
     """The ``lung`` stage for one subject: labels to ``out``, densitometry to ``density_path``
     (:func:`pipeline.densitometry.measure` plus its ``high_attenuation`` section).
 
     Args:
-        settings: the config's ``lung`` section (``threshold_hu``, ``min_lung_volume_ml``).
+        threshold_hu, min_lung_volume_ml: the config's ``lung`` section (:func:`segment_lungs`).
 
     Returns:
         the status dict written to ``status_path``.
     """
     from pipeline.status import run_subject_stage
 
-    from pipeline.config import validate_section
-
-    settings = validate_section("lung", settings)
-    options = {key: settings[key] for key in ("threshold_hu", "min_lung_volume_ml")}
+    options = {"threshold_hu": threshold_hu, "min_lung_volume_ml": min_lung_volume_ml}
 
     def work() -> dict[str, Any]:
         import SimpleITK as sitk
@@ -520,5 +517,5 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.cli import stage_settings
 
     run_lung(sid=args.sid, ct_path=args.ct, out=args.out, density_path=args.density, status_path=args.status,
-             upstream=args.upstream, settings=stage_settings(args, "lung"))
+             upstream=args.upstream, **stage_settings(args, "lung"))
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -158,13 +159,13 @@ def cut_patches(ct, grid: dict[str, np.ndarray], transform, *, clip_hu=(-1024, 3
 
 
 def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_path, upstream=(), lung_path=None,
-                mask_out=None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                mask_out=None, clip_hu: Sequence[float]) -> dict[str, Any]:
     """The ``patches`` stage for one subject: int16 ``[P, S, S, S]`` to ``out`` (``.npy``).
 
     Args:
         lung_path: optional lung labels for the ``lung_fraction`` QC value (and the masks).
         mask_out: where to write the bit-packed lung masks (:func:`pack_masks`); needs ``lung_path``.
-        settings: the config's ``patches`` section (``clip_hu``).
+        clip_hu: ``patches.clip_hu``, the stored HU range ``[low, high]``.
 
     Returns:
         the status dict written to ``status_path``.
@@ -173,7 +174,6 @@ def run_patches(*, sid: str, ct_path, transform_path, grid_path, out, status_pat
 
     from pipeline.errors import ConfigError
 
-    clip_hu = (settings or {}).get("clip_hu", [-1024, 3071])
     if mask_out is not None and lung_path is None:
         raise ConfigError("patches: --out-mask needs --lung (the masks are cut from the lung labels)")
     if (not isinstance(clip_hu, (list, tuple)) or len(clip_hu) != 2
@@ -228,5 +228,5 @@ def run(args: argparse.Namespace) -> int:
 
     run_patches(sid=args.sid, ct_path=args.ct, transform_path=args.transform, grid_path=args.grid, out=args.out,
                 status_path=args.status, upstream=args.upstream, lung_path=args.lung, mask_out=args.out_mask,
-                settings=stage_settings(args, "patches"))
+                clip_hu=stage_settings(args, "patches")["clip_hu"])
     return 0

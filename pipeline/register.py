@@ -319,20 +319,18 @@ def _transform_summary(transform) -> dict[str, Any]:
 
 
 def run_register(*, sid: str, lung_path, atlas_path, out, status_path, upstream=(),
-                 settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                 settings: dict[str, Any]) -> dict[str, Any]:
     """The ``register`` stage for one subject: transform to ``out`` (``.tfm``), QC in the status.
 
     Args:
-        settings: the config's ``register`` section (QC thresholds, ``iterations``, ``shrink_factors``).
+        settings: the config's validated ``register`` section (QC thresholds, the fit's
+            :data:`FIT_KEYS`, ``deformable``; :func:`pipeline.config.validate_section`).
 
     Returns:
         the status dict written to ``status_path``.
     """
     from pipeline.status import run_subject_stage
 
-    from pipeline.config import validate_section
-
-    settings = validate_section("register", settings)
     fit = {key: settings[key] for key in FIT_KEYS}
 
     def work() -> dict[str, Any]:

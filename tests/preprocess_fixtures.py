@@ -261,6 +261,7 @@ def synth_subjects(tmp_path_factory) -> list[SynthSubject]:
     """
     import json
 
+    from pipeline.config import validate_section
     from pipeline.ct_io import read_volume, write_volume
     from pipeline.files import write_json
     from pipeline.ingest import ingest_subject
@@ -277,8 +278,8 @@ def synth_subjects(tmp_path_factory) -> list[SynthSubject]:
         for plan in _pick_varied(list(plans.values()), 3):
             write_subject(plan, root / "raw")
             ct_path = root / "ct" / f"{plan.sid}.nii.gz"
-            ingest_subject(plan.sid, root / "raw" / plan.image, plan.format, ct_path, spacing_mm=SYNTH_SPACING_MM,
-                           min_slices=1)
+            ingest_subject(plan.sid, root / "raw" / plan.image, plan.format, ct_path,
+                           **validate_section("ingest", {"spacing_mm": SYNTH_SPACING_MM, "min_slices": 1}))
             ct = read_volume(ct_path, plan.sid)
             labels = sitk.ReadImage(str(root / "raw" / plan.label))
             truth = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

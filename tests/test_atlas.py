@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from pipeline.atlas import (GridSpec, adjacency, box_sums, build_grid, choose_atlas_subject, crop_atlas,
                             run_atlas)
+from pipeline.config import validate_section
 from pipeline.errors import CopdsslError
 from pipeline.grid import read_grid
 from tests.preprocess_fixtures import synthetic_chest
@@ -36,11 +37,12 @@ def test_choose_atlas_subject_takes_the_median_volume():
 
 
 def test_grid_spec_rejects_bad_values():
+    good = {"patch_size": 8, "step": 6, "min_lung_fraction": 0.25, "adjacency_cutoff": 0.13}
     for kwargs in ({"patch_size": 0}, {"step": -1}, {"patch_size": 3.5}, {"min_lung_fraction": 1.5},
                    {"adjacency_cutoff": -0.1}, {"step": True}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
-            GridSpec(**kwargs)
-    assert GridSpec(patch_size=8, step=10).margin == 10
+            GridSpec(**{**good, **kwargs})
+    assert GridSpec(**{**good, "step": 10}).margin == 10
 
 
 def test_crop_keeps_physical_positions_and_pads():
@@ -96,7 +98,7 @@ def test_grid_of_a_box_lung_is_analytic():
     array = np.zeros((80, 80, 80), np.uint8)
     array[20:60, 20:60, 20:40] = 1  # right half
     array[20:60, 20:60, 40:60] = 2  # left half
-    atlas = crop_atlas(_labels(array, spacing=1.5, origin=(100.0, -50.0, 7.0)), GridSpec(S, T).margin)
+    atlas = crop_atlas(_labels(array, spacing=1.5, origin=(100.0, -50.0, 7.0)), GridSpec(S, T, 0.5, 0.13).margin)
     grid = build_grid(atlas, GridSpec(patch_size=S, step=T, min_lung_fraction=0.5, adjacency_cutoff=0.13))
     for key, (dtype, ndim) in GRID_KEYS.items():
         assert grid[key].dtype == dtype and grid[key].ndim == ndim, key
@@ -170,9 +172,15 @@ def _stage_inputs(tmp_path, depths: dict[str, int], failed: set[str]):
 SMALL_GRID = {"patch_size": 4, "step": 3, "min_lung_fraction": 0.25, "adjacency_cutoff": 0.13}
 
 
+def _settings(**settings):
+    """Validated ``atlas`` and ``register`` sections: SMALL_GRID with ``settings`` over it."""
+    return {"settings": validate_section("atlas", {**SMALL_GRID, **settings}),
+            "register_settings": validate_section("register", {})}
+
+
 def _run(layout, sids, **settings):
     return run_atlas(sids=sids, work=layout.work, out_atlas=layout.atlas_mask(), out_grid=layout.grid(),
-                     settings={**SMALL_GRID, **settings})
+                     **_settings(**settings))
 
 
 def test_median_volume_takes_the_median_of_the_sample_subjects_whose_lungs_are_ok(tmp_path):
@@ -213,11 +221,15 @@ def test_cli_draws_the_sample_from_the_subjects_table(tmp_path):
     from pipeline.template import atlas_sample
 
     layout = _stage_inputs(tmp_path, {"a": 8, "b": 10, "c": 12}, failed=set())
-    code = main(["atlas", "--subjects", str(layout.subjects()), "--work", str(layout.work),
-                 "--out-atlas", str(layout.atlas_mask()), "--out-grid", str(layout.grid()),
-                 "--log", str(tmp_path / "atlas.log"),
-                 "--settings", json.dumps({"patch_size": 6, "step": 5, "build_subjects": 2, "rounds": 1,
-                                           "method": "median_volume"})])
+    command = ["atlas", "--subjects", str(layout.subjects()), "--work", str(layout.work),
+               "--out-atlas", str(layout.atlas_mask()), "--out-grid", str(layout.grid()),
+               "--log", str(tmp_path / "atlas.log"),
+               "--settings", json.dumps({"patch_size": 6, "step": 5, "build_subjects": 2, "rounds": 1,
+                                         "method": "median_volume"})]
+    # JSON atlas settings never meet the register section of a config file: both come as JSON
+    assert main(command) == 1 and not layout.grid().exists()
+    assert "atlas: --settings needs --register-settings" in (tmp_path / "atlas.log").read_text()
+    code = main([*command, "--register-settings", json.dumps({"iterations": 100})])
     assert code == 0
     sample = atlas_sample(["a", "b", "c"], 2)
     assert f"median_volume of {len(sample)} sample subjects" in (tmp_path / "atlas.log").read_text()
@@ -236,16 +248,16 @@ def test_a_reference_atlas_is_copied_and_must_match_the_grid_settings(tmp_path):
         (bundle / path.name).write_bytes(path.read_bytes())
     other = _stage_inputs(tmp_path / "other", {"z": 20}, failed=set())
     summary = run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
-                        settings={**SMALL_GRID, "reference": str(tmp_path / "bundle")})
+                        **_settings(reference=str(tmp_path / "bundle")))
     assert summary["method"] == "reference"
     assert other.grid().read_bytes() == layout.grid().read_bytes()
     assert other.atlas_mask().read_bytes() == layout.atlas_mask().read_bytes()
     with pytest.raises(ConfigError, match=r"atlas.patch_size': 6 differs from the reference grid .*\(patch_size 4\)"):
         run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
-                  settings={**SMALL_GRID, "patch_size": 6, "reference": str(bundle)})
+                  **_settings(patch_size=6, reference=str(bundle)))
     with pytest.raises(ConfigError, match="holds no atlas_lung.nii.gz and grid.npz"):
         run_atlas(sids=[], work=other.work, out_atlas=other.atlas_mask(), out_grid=other.grid(),
-                  settings={**SMALL_GRID, "reference": str(tmp_path)})
+                  **_settings(reference=str(tmp_path)))
 
 
 def test_bad_settings_are_config_errors(tmp_path):

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from pipeline import ct_io
 from pipeline.calibration import Calibration, CalibrationError, apply_linear, fit_calibration, reference_regions
 from pipeline.cli import main
+from pipeline.config import validate_section
 from pipeline.ingest import ingest_subject
 from tests.ct_fixtures import write_nifti
 
@@ -234,7 +235,8 @@ def test_synthetic_subject_is_calibrated_and_the_intercept_tracks_its_site_offse
         write_subject(subject, root / "raw")
         outputs[offset] = root / "ct.nii.gz"
         statuses[offset] = ingest_subject(subject.sid, root / "raw" / subject.image, subject.format, outputs[offset],
-                                          spacing_mm=3.0, min_slices=1, calibration=settings)
+                                          **validate_section("ingest", {"spacing_mm": 3.0, "min_slices": 1,
+                                                                        "calibration": settings}))
     status = statuses[plan.calibration_hu]
     assert status["calibration"] == "applied"
     # the raw references sit at the generator's nominal values plus the site offset

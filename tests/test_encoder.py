@@ -7,10 +7,16 @@ import torch
 from torch import nn
 
 from models.encoder import ConvBackbone, PatchEncoder, build_backbone, encoder_from_settings, histogram_columns
+from tests.train_fixtures import encoder_settings
 
 torch.set_num_threads(1)
 
 SMALL = (4, 8, 16)
+
+
+def _encoder(keys, patch_size, **options):
+    """encoder_from_settings on ``keys`` over the schema's encoder defaults."""
+    return encoder_from_settings(encoder_settings(**keys), patch_size, **options)
 
 
 def _batch(n=3, size=16, seed=0):
@@ -47,7 +53,7 @@ def test_multiscale_backbone_concatenates_the_average_of_every_stage():
     first_stage = plain.features[:3](x).flatten(2).mean(dim=2)  # Conv + BatchNorm + ELU of stage 1
     assert torch.allclose(out[:, :4], first_stage, atol=1e-6)
     assert torch.allclose(out[:, -8:], plain(x), atol=1e-6)  # the last stage's average, as without it
-    encoder = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12, "multiscale": True}, 16, seed=0)
+    encoder = _encoder({"widths": [4, 6, 8], "feature_dim": 12, "multiscale": True}, 16, seed=0)
     assert encoder.backbone.out_dim == 18 and encoder.embed(x).shape == (2, 12)
     with pytest.raises(ValueError, match="multiscale is a property of the 'conv' backbone"):
         build_backbone("monai:ResNet", (4, 6, 8, 16), 16, 12, multiscale=True)
@@ -93,8 +99,8 @@ def test_histogram_bins_extend_the_backbone_features():
     from pipeline.config import validate_config
 
     x, _ = _batch(2, 16)
-    plain = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12}, 16, seed=0)
-    encoder = encoder_from_settings({"widths": [4, 6, 8], "feature_dim": 12, "histogram_bins": 8}, 16, seed=0)
+    plain = _encoder({"widths": [4, 6, 8], "feature_dim": 12}, 16, seed=0)
+    encoder = _encoder({"widths": [4, 6, 8], "feature_dim": 12, "histogram_bins": 8}, 16, seed=0)
     features = encoder.backbone(x)
     assert features.shape == (2, 8 + 8) and encoder.feature.in_features == 16
     assert torch.allclose(features[:, 8:], encoder.backbone.histogram(x))
@@ -118,7 +124,7 @@ def test_conv_backbone_rejects_bad_values(kwargs, word):
 
 @pytest.mark.parametrize("size", [16, 32])
 def test_encoder_shapes_embed_and_projection(size):
-    encoder = encoder_from_settings({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, size, seed=0)
+    encoder = _encoder({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, size, seed=0)
     x, loc = _batch(4, size)
     h, z = encoder.embed(x, loc), encoder(x, loc)
     assert h.shape == (4, 12) and z.shape == (4, 6)
@@ -129,14 +135,14 @@ def test_encoder_shapes_embed_and_projection(size):
 
 
 def test_feature_layer_is_identity_when_sizes_match():
-    encoder = encoder_from_settings({"widths": list(SMALL), "feature_dim": 16, "projection_dim": 6}, 16)
+    encoder = _encoder({"widths": list(SMALL), "feature_dim": 16, "projection_dim": 6}, 16)
     assert isinstance(encoder.feature, nn.Identity)
     x, loc = _batch(2)
     assert torch.equal(encoder.embed(x, loc), encoder.backbone(x))
 
 
 def test_location_changes_projection_but_not_embedding():
-    encoder = encoder_from_settings({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, 16, seed=1)
+    encoder = _encoder({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, 16, seed=1)
     encoder.eval()
     x, loc = _batch(3)
     other = -loc
@@ -145,7 +151,7 @@ def test_location_changes_projection_but_not_embedding():
 
 
 def test_without_location_the_projection_ignores_it():
-    encoder = encoder_from_settings({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6,
+    encoder = _encoder({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6,
                                      "use_location": False}, 16)
     encoder.eval()
     x, loc = _batch(3)
@@ -154,7 +160,7 @@ def test_without_location_the_projection_ignores_it():
 
 
 def test_location_shape_is_checked():
-    encoder = encoder_from_settings({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, 16)
+    encoder = _encoder({"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}, 16)
     x, loc = _batch(3)
     with pytest.raises(ValueError, match="loc must be"):
         encoder(x, loc[:, :2])
@@ -203,8 +209,8 @@ def test_backbone_without_a_vector_output_is_rejected():
 def test_seeded_construction_is_deterministic_and_leaves_global_rng_alone():
     settings = {"widths": list(SMALL), "feature_dim": 12, "projection_dim": 6}
     state = torch.get_rng_state()
-    a, b = encoder_from_settings(settings, 16, seed=5), encoder_from_settings(settings, 16, seed=5)
-    c = encoder_from_settings(settings, 16, seed=6)
+    a, b = _encoder(settings, 16, seed=5), _encoder(settings, 16, seed=5)
+    c = _encoder(settings, 16, seed=6)
     assert torch.equal(torch.get_rng_state(), state)
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name

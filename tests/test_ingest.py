@@ -158,7 +158,7 @@ def test_nifti_with_too_few_slices_fails(tmp_path, phantom):
     from pipeline.errors import SubjectError
 
     with pytest.raises(SubjectError, match=r"only 9 slices \(minimum 10\)"):
-        ingest_subject("s1", path, "nifti", tmp_path / "out.nii.gz", min_slices=10)
+        ingest_subject("s1", path, "nifti", tmp_path / "out.nii.gz", **validate_section("ingest", {"min_slices": 10}))
 
 
 def test_importing_the_stage_is_light():
@@ -173,7 +173,7 @@ def test_real_head_ct_ingests_with_a_sane_histogram(tmp_path):
     source = cranium_head_ct(tmp_path / "cranium.nii.gz")
     if source is None:
         pytest.skip("Debian package invesalius-examples (real head CT Cranium.inv3) is not installed")
-    qc = ingest_subject("cranium", source, "nifti", tmp_path / "ct.nii.gz", spacing_mm=2.0)
+    qc = ingest_subject("cranium", source, "nifti", tmp_path / "ct.nii.gz", **validate_section("ingest", {"spacing_mm": 2.0}))
     assert qc["original_shape"] == [108, 256, 256] and qc["original_orientation"] == "LAS"
     assert qc["shape"] == [81, 122, 122]  # 162 mm × 245 mm × 245 mm at 2 mm
     values = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct.nii.gz"))).astype(np.int32)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pipeline.config import validate_section
 from pipeline.errors import SubjectError
 from pipeline.lung import run_lung, segment_lungs
 from tests.preprocess_fixtures import dice, synth_subjects, synthetic_chest  # noqa: F401 (fixture)
@@ -115,11 +116,12 @@ def test_real_head_ct_fails_with_no_lungs(tmp_path):
     raw = cranium_head_ct(tmp_path / "cranium.nii.gz")
     if raw is None:
         pytest.skip("Debian package invesalius-examples (Cranium.inv3) is not installed")
-    ingest_subject("HEAD", raw, "nifti", tmp_path / "ct.nii.gz", spacing_mm=2.0, min_slices=1)
+    ingest_subject("HEAD", raw, "nifti", tmp_path / "ct.nii.gz",
+                   **validate_section("ingest", {"spacing_mm": 2.0, "min_slices": 1}))
     (tmp_path / "ingest.json").write_text(json.dumps({"sid": "HEAD", "stage": "ingest", "status": "ok"}))
     status = run_lung(sid="HEAD", ct_path=tmp_path / "ct.nii.gz", out=tmp_path / "lung.nii.gz",
                       density_path=tmp_path / "density.json", status_path=tmp_path / "status.json",
-                      upstream=[tmp_path / "ingest.json"])
+                      upstream=[tmp_path / "ingest.json"], **validate_section("lung", {}))
     assert status["status"] == "failed" and status["failed_stage"] == "lung"
     assert status["reason"].startswith("no lungs found: ")
     air_ml = float(status["reason"].split(": ")[1].split(" ml of air inside the body")[0])
@@ -153,7 +155,7 @@ def test_stage_isolates_subjects_and_skips_failed_upstream(tmp_path):
         return run_lung(sid=sid, ct_path=tmp_path / ct, out=tmp_path / f"{sid}.nii.gz",
                         density_path=tmp_path / f"{sid}.json", status_path=tmp_path / f"{sid}_status.json",
                         upstream=[tmp_path / upstream],
-                        settings={"threshold_hu": -400.0, "min_lung_volume_ml": 500.0})
+                        threshold_hu=-400.0, min_lung_volume_ml=500.0)
 
     bad = stage("A", "empty.nii.gz", "ingest_ok.json")
     ok = stage("B", "good.nii.gz", "ingest_ok.json")

@@ -16,10 +16,11 @@ from models.encoder import encoder_from_settings
 from models.momentum import update_momentum
 from models.moco import MoCo, moco_from_settings, validate_moco_settings
 from models.queue import NegativeQueue
+from tests.train_fixtures import encoder_settings
 
 torch.set_num_threads(1)
 
-ENCODER = {"widths": [4, 8], "feature_dim": 8, "projection_dim": 6}
+ENCODER = encoder_settings(widths=[4, 8], feature_dim=8, projection_dim=6)
 SIZE = 8
 
 

@@ -136,7 +136,7 @@ def test_stage_writes_a_memory_mappable_array_and_qc(tmp_path, chest_grid):
     chest, atlas, grid = chest_grid
     _stage_inputs(tmp_path, chest, atlas, grid)
     status = _run_stage(tmp_path, upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
-                        lung_path=tmp_path / "lung.nii.gz", settings={"clip_hu": [-1024, 240]})
+                        lung_path=tmp_path / "lung.nii.gz", clip_hu=[-1024, 240])
     assert status["status"] == "ok" and status["n_patches"] == len(grid["corners"])
     assert status["padded_fraction"] == 0.0 and status["lung_fraction"] >= 0.25
     stored = np.load(tmp_path / "S.npy", mmap_mode="r")
@@ -153,7 +153,7 @@ def test_stage_skips_on_any_failed_upstream(tmp_path, chest_grid):
                                                         "reason": "registration failed: Dice 0.41"}))
     status = run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
                          grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
-                         upstream=[tmp_path / "lung.json", tmp_path / "register.json"])
+                         upstream=[tmp_path / "lung.json", tmp_path / "register.json"], clip_hu=[-1024, 240])
     assert status["status"] == "skipped" and status["failed_stage"] == "register"
     assert (tmp_path / "S.npy").stat().st_size == 0
 
@@ -198,7 +198,7 @@ def test_bad_clip_range_is_a_config_error(tmp_path, chest_grid):
         with pytest.raises(ConfigError, match="patches.clip_hu"):
             run_patches(sid="S", ct_path=tmp_path / "ct.nii.gz", transform_path=tmp_path / "t.tfm",
                         grid_path=tmp_path / "grid.npz", out=tmp_path / "S.npy", status_path=tmp_path / "S.json",
-                        settings={"clip_hu": clip})
+                        clip_hu=clip)
     assert not (tmp_path / "S.json").exists()
 
 
@@ -209,7 +209,7 @@ def test_stage_writes_lung_masks_cut_like_the_patches(tmp_path, chest_grid):
     _stage_inputs(tmp_path, chest, atlas, grid)
     status = _run_stage(tmp_path, upstream=[tmp_path / "register.json", tmp_path / "lung.json"],
                         lung_path=tmp_path / "lung.nii.gz", mask_out=tmp_path / "S_mask.npy",
-                        settings={"clip_hu": [-1024, 240]})
+                        clip_hu=[-1024, 240])
     assert status["status"] == "ok"
     size = int(grid["patch_size"])
     packed = np.load(tmp_path / "S_mask.npy")
@@ -222,4 +222,4 @@ def test_stage_writes_lung_masks_cut_like_the_patches(tmp_path, chest_grid):
         np.testing.assert_array_equal(masks[p], labels[z:z + size, y:y + size, x:x + size])
     assert 0 < masks.mean() < 1 and abs(masks.mean() - status["lung_fraction"]) < 1e-6
     with pytest.raises(Exception, match="--out-mask needs --lung"):
-        _run_stage(tmp_path, name="S2", mask_out=tmp_path / "S2_mask.npy")
+        _run_stage(tmp_path, name="S2", mask_out=tmp_path / "S2_mask.npy", clip_hu=[-1024, 240])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pipeline.config import validate_section
 from pipeline.atlas import crop_atlas
 from pipeline.errors import SubjectError
 from pipeline.register import label_dice, read_transform, register_masks, registration_verdict, run_register
@@ -119,8 +120,9 @@ def _stage_files(tmp_path):
 def _run(tmp_path, sid, upstream="lung_ok.json", **settings):
     return run_register(sid=sid, lung_path=tmp_path / "lung.nii.gz", atlas_path=tmp_path / "atlas.nii.gz",
                         out=tmp_path / f"{sid}.tfm", status_path=tmp_path / f"{sid}.json",
-                        upstream=[tmp_path / upstream], settings={"min_dice": 0.85, "iterations": 200,
-                                                                  "shrink_factors": [4, 2, 1], **settings})
+                        upstream=[tmp_path / upstream],
+                        settings=validate_section("register", {"min_dice": 0.85, "iterations": 200,
+                                                               "shrink_factors": [4, 2, 1], **settings}))
 
 
 def test_stage_writes_transform_and_qc_or_fails_with_the_dice(tmp_path):
@@ -172,7 +174,6 @@ def test_cli_runs_the_stage(tmp_path):
 
 def test_bad_settings_are_config_errors():
     from pipeline.errors import ConfigError
-    from pipeline.config import validate_section
 
     assert validate_section("register", {}) == {"min_dice": 0.6, "flag_dice": 0.85, "flag_mad": 3.0, "max_scale": 2.0,
                                                 "iterations": 200, "shrink_factors": [4, 2, 1],

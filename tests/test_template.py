@@ -125,7 +125,8 @@ def test_an_empty_mask_still_fails_with_its_reason(tmp_path):
     write_volume(empty, tmp_path / "lung.nii.gz")
     (tmp_path / "ok.json").write_text(json.dumps({"sid": "E", "stage": "lung", "status": "ok"}))
     status = run_register(sid="E", lung_path=tmp_path / "lung.nii.gz", atlas_path=tmp_path / "atlas.nii.gz",
-                          out=tmp_path / "E.tfm", status_path=tmp_path / "E.json", upstream=[tmp_path / "ok.json"])
+                          out=tmp_path / "E.tfm", status_path=tmp_path / "E.json", upstream=[tmp_path / "ok.json"],
+                          settings=validate_section("register", {}))
     assert status["status"] == "failed" and status["reason"] == f"lung mask {tmp_path / 'lung.nii.gz'} is empty"
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pipeline.config import deep_merge, run_settings, validate_config
+from pipeline.config import deep_merge, run_settings, validate_config, validate_section
 from pipeline.files import write_json, write_npy, write_npz
 from pipeline.layout import Layout
 
@@ -42,6 +42,11 @@ TINY_TRAIN: dict[str, Any] = {
     "graph": {"enabled": True, "epochs": 3, "batch_size": 4, "hidden_dim": 8, "layers": 2, "queue_size": 16,
               "temperature": 0.2, "momentum": 0.9, "lr": 0.01, "node_drop": 0.2, "feature_noise": 0.1},
 }
+
+
+def encoder_settings(**keys: Any) -> dict[str, Any]:
+    """A validated ``train.encoder`` section: ``keys`` over the schema's defaults."""
+    return validate_section("train", {"encoder": keys})["encoder"]
 
 
 def tiny_settings(**overrides: Any) -> dict[str, Any]:

@@ -63,11 +63,11 @@ def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
         ("figures", "Figures", _figures_section(config, layout, main, predictions, readouts, sets, figures_dir)),
     ]
     sections.append(("locmap", "Where the signal is", _location_map_section(config, layout, figures_dir)))
-    if config.get("cohort", {}).get("truth"):
+    if config["cohort"]["truth"]:
         sections.append(("readout", "Latent-factor read-out", _readout_section(sets, readouts)))
     sections.append(("qc", "Quality control", _qc_section(config, layout, metrics, outcomes, figures_dir)))
     sections.append(("provenance", "Provenance", _provenance_section(layout, prov)))
-    title = config.get("report", {}).get("title", "copdssl outcome report")
+    title = config["report"]["title"]
     document = html.page(title, prov["date"], prov["config_sha256"],
                          [(anchor, name, html.section(anchor, name, parts)) for anchor, name, parts in sections])
     write_text(out, document)
@@ -78,11 +78,11 @@ def build_report(config: Mapping[str, Any], layout: Layout, out: Path) -> Path:
 
 def _scope(config) -> str:
     """What a synthetic-cohort report can and cannot show (empty for real data)."""
-    if config.get("cohort", {}).get("source") != "synthetic":
+    if config["cohort"]["source"] != "synthetic":
         return ""
     train = config["train"]
     steps = int(train["epochs"]) * int(train["steps_per_epoch"])
-    n_subjects = config.get("synthetic", {}).get("n_subjects", "?")
+    n_subjects = config["synthetic"]["n_subjects"]
     pairs = f"{steps * int(train['batch_size']):,} patch pairs per run" if steps else "the whole grid per epoch"
     return ("This report is on the embedded synthetic cohort "
             f"({n_subjects} subjects; training: {train['epochs']} epoch(s), {pairs}). The demo's small cohort "
@@ -129,7 +129,7 @@ def _figures_section(config, layout, main, predictions, readouts, sets, figures_
 
     # training curves
     histories = {}
-    for run in config.get("runs", {}):
+    for run in config["runs"]:
         history = tables.read_tsv(layout.history(run))
         if history is not None and {"epoch", "loss"} <= set(history.columns) and not history.empty:
             histories[run] = history
@@ -201,7 +201,7 @@ def _patch_grid_figure(config, layout, figures) -> tuple[Any, str]:
     from pipeline.errors import CopdsslError
     from pipeline.status import OK, read_status
 
-    sid = config.get("report", {}).get("overlay_subject")
+    sid = config["report"]["overlay_subject"]
     try:
         if not sid:
             from pipeline.manifest import read_subjects
@@ -243,7 +243,7 @@ def _location_map_section(config, layout, figures_dir) -> list[str]:
     if not runs:
         return [html.note("No run is mapped: report.location_map_runs is empty, or no run trains (epochs > 0).")]
     evaluate = config["evaluate"]
-    if config.get("cohort", {}).get("truth"):
+    if config["cohort"]["truth"]:
         what = "each latent factor of the synthetic cohort (cle, pse, awt)"
     else:
         names = [name for name, spec in evaluate["outcomes"].items() if spec["kind"] == "regression"]

@@ -27,7 +27,7 @@ def figure_names(config: Mapping[str, Any]) -> list[str]:
     names = ["training_curves", "patch_grid"]
     names += [f"scatter_{name}" for name, spec in outcomes.items() if spec["kind"] == "regression"]
     names += [f"confusion_{name}" for name, spec in outcomes.items() if spec["kind"] == "ordinal"]
-    if config.get("cohort", {}).get("truth"):
+    if config["cohort"]["truth"]:
         names.append("readout")
     return names + location_map_names(config) + QC_FIGURES
 

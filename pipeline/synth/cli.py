@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.synth.plan import plan_cohort
 
     settings = stage_settings(args, "synthetic")
-    out_dir = args.out_dir or settings.get("out_dir", "data/synthetic")
+    out_dir = args.out_dir or settings["out_dir"]
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     try:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preview:
         from pipeline.synth.preview import write_preview
 
-        shown = write_preview(plans, args.preview, out_dir, int(settings.get("preview_subjects", 6)))
+        shown = write_preview(plans, args.preview, out_dir, int(settings["preview_subjects"]))
         log.info("preview of %s written to %s", ", ".join(shown), args.preview)
         return 0
 
