@@ -221,11 +221,11 @@ def oracle_features(truth, sids: Sequence[str]):
 def run(args: argparse.Namespace) -> int:
     from pipeline.files import write_tsv
     from pipeline.folds import QC_STAGE, read_table
-    from pipeline.status import passed_subjects
+    from pipeline.status import passed_in_stage_table
     from pipeline.manifest import read_subjects
 
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
+    sids = passed_in_stage_table(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     if args.name == "densitometry":
         table = densitometry_features(layout, sids)
     elif args.name == "airway":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, SubjectError
 from pipeline.layout import Layout
-from pipeline.status import passed_subjects
+from pipeline.status import passed_in_stage_table
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = stage_settings(args, "evaluate")
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
+    sids = passed_in_stage_table(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     phenotypes = read_table(args.phenotypes, "phenotypes")
     column = settings.get("stratify") or ""
     if column and column not in phenotypes.columns:

@@ -195,11 +195,11 @@ def make_pooler(pooling: str, layout: Layout, run: str, device: str = "cpu") -> 
 def run(args: argparse.Namespace) -> int:
     from pipeline.files import write_tsv
     from pipeline.folds import QC_STAGE
-    from pipeline.status import passed_subjects
+    from pipeline.status import passed_in_stage_table
     from pipeline.manifest import read_subjects
 
     layout = Layout(work=Path(args.work))
-    sids = passed_subjects(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
+    sids = passed_in_stage_table(layout, [s.sid for s in read_subjects(args.subjects)], QC_STAGE)
     num_locations = len(read_grid(layout.grid(), "locations")["locations"])
     pooler = make_pooler(args.pooling, layout, args.run, device=args.device)
     table = pool_subjects(sids, lambda sid: load_embedding(layout.embedding(args.run, sid), sid, num_locations),

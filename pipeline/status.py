@@ -12,6 +12,7 @@ file makes Snakemake reprocess exactly that subject.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import traceback
@@ -44,8 +45,9 @@ def first_problem(status_paths: Iterable[str | os.PathLike]) -> dict[str, Any] |
 def passed_subjects(layout, sids: Iterable[str], stage: str, missing: str = "error") -> list[str]:
     """The subjects (in the given order) whose ``stage`` status is ``ok``.
 
-    Every aggregate stage (atlas, train, embed, folds, pool, baselines) picks its subjects here,
-    so their subject sets agree.
+    The atlas (its sample's lung statuses) and ``copdssl apply`` pick subjects here; the aggregate
+    stages of the workflow (train, embed, folds, pool, baselines) read the patches stage table
+    instead (:func:`passed_in_stage_table`), which is built from these same files.
 
     Args:
         layout: :class:`pipeline.layout.Layout` of the work directory.
@@ -69,10 +71,47 @@ def passed_subjects(layout, sids: Iterable[str], stage: str, missing: str = "err
     return passed
 
 
-def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """All subject IDs of ``subjects_tsv`` and those whose ``patches`` status is ``ok``.
+def stage_table_statuses(path: str | os.PathLike) -> dict[str, str]:
+    """sid -> status of a cohort-level stage table (``work/qc/<stage>.tsv``, ``copdssl qc --stage``).
 
-    A subject without a patches status file counts as not ok (logged).
+    Raises:
+        ConfigError: the table does not exist or has no ``sid``/``status`` column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stage table {path} does not exist; `copdssl qc --stage {path.stem}` writes it "
+                          "(the workflow makes it before any stage that reads it)")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if not {"sid", "status"} <= set(reader.fieldnames or ()):
+            raise ConfigError(f"stage table {path} has no 'sid' and 'status' columns")
+        return {row["sid"]: row["status"] for row in reader}
+
+
+def passed_in_stage_table(layout, sids: Iterable[str], stage: str) -> list[str]:
+    """The subjects (in the given order) whose status in the cohort-level table of ``stage``
+    (``work/qc/<stage>.tsv``) is ``ok``: one file for an aggregate stage to read, the one its
+    Snakemake rule declares as input, instead of one status JSON per subject.
+
+    Raises:
+        ConfigError: the table is missing, or lacks a subject of ``sids`` (it is older than the
+            subjects table: rewrite it with ``copdssl qc --stage <stage>``).
+    """
+    path = layout.stage_table(stage)
+    statuses = stage_table_statuses(path)
+    passed = []
+    for sid in sids:
+        if sid not in statuses:
+            raise ConfigError(f"stage table {path} has no row for subject {sid}: it is older than the subjects "
+                              f"table; rewrite it with `copdssl qc --stage {stage}`")
+        if statuses[sid] == OK:
+            passed.append(sid)
+    return passed
+
+
+def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """All subject IDs of ``subjects_tsv`` and those whose ``patches`` status is ``ok``, from the
+    patches stage table (:func:`passed_in_stage_table`).
 
     Returns:
         (all sids in table order, ok sids in table order)
@@ -83,7 +122,7 @@ def patch_subjects(layout, subjects_tsv: str | os.PathLike) -> tuple[list[str], 
     if not path.is_file():
         raise ConfigError(f"subjects table {path} does not exist")
     sids = [s.sid for s in read_subjects(path)]
-    return sids, passed_subjects(layout, sids, "patches", missing="skip")
+    return sids, passed_in_stage_table(layout, sids, "patches")
 
 
 def _tombstone(paths: Iterable[str | os.PathLike]) -> None:

@@ -24,6 +24,7 @@ import pandas as pd
 from pipeline.config import validate_config
 from pipeline.files import write_json, write_npy, write_npz, write_text, write_tsv
 from pipeline.layout import Layout
+from pipeline.qc import stage_rows
 
 LATTICE = (2, 2, 3)  # grid shape -> P = 12 locations
 PATCH_SIZE = 4  # voxels
@@ -132,6 +133,7 @@ def make_eval_cohort(root: Path, n_subjects: int = 60, dim: int = 6, seed: int =
                 continue
             patch_noise = 0.3 * rng.standard_normal((P, dim))
             write_npy(path, (z @ mix + patch_noise + 0.05 * rng.standard_normal(dim)).astype(np.float32))
+    write_tsv(layout.stage_table("patches"), stage_rows(sids, "patches", layout))  # what `copdssl qc --stage` writes
 
     lung = (-0.5 * latent["cle"] - 0.3 * latent["pse"] - 0.4 * latent["awt"]).to_numpy()
     cle, pse = latent["cle"].to_numpy(), latent["pse"].to_numpy()

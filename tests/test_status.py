@@ -92,3 +92,27 @@ def test_passed_subjects_missing_status_is_an_error_or_skipped(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         assert passed_subjects(layout, ["C", "A"], "patches", missing="skip") == ["A"]
     assert "subject C: no patches status" in caplog.text
+
+
+def test_aggregate_stages_read_the_stage_table(tmp_path):
+    """passed_in_stage_table reads work/qc/<stage>.tsv (what `copdssl qc --stage` writes from the
+    status files), in the order asked, and names a missing table or a subject it lacks."""
+    from pipeline.errors import ConfigError
+    from pipeline.files import write_tsv
+    from pipeline.layout import Layout
+    from pipeline.qc import stage_rows
+    from pipeline.status import passed_in_stage_table
+
+    layout = Layout(work=tmp_path)
+    with pytest.raises(ConfigError, match=r"stage table .*patches.tsv does not exist; `copdssl qc --stage patches`"):
+        passed_in_stage_table(layout, ["A"], "patches")
+    write_json(layout.status("patches", "A"), {"sid": "A", "status": OK})
+    write_json(layout.status("patches", "B"), {"sid": "B", "status": FAILED, "reason": "x"})
+    write_json(layout.status("patches", "C"), {"sid": "C", "status": OK})
+    write_tsv(layout.stage_table("patches"), stage_rows(["A", "B", "C"], "patches", layout))
+    assert passed_in_stage_table(layout, ["C", "B", "A"], "patches") == ["C", "A"]
+    # the table, not the status files, decides: a status file changed after the table is not seen
+    write_json(layout.status("patches", "B"), {"sid": "B", "status": OK})
+    assert passed_in_stage_table(layout, ["A", "B"], "patches") == ["A"]
+    with pytest.raises(ConfigError, match="has no row for subject D: it is older than the subjects table"):
+        passed_in_stage_table(layout, ["A", "D"], "patches")

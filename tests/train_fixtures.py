@@ -23,8 +23,9 @@ import torch
 from scipy import ndimage
 
 from pipeline.config import deep_merge, run_settings, validate_config, validate_section
-from pipeline.files import write_json, write_npy, write_npz
+from pipeline.files import write_json, write_npy, write_npz, write_tsv
 from pipeline.layout import Layout
+from pipeline.qc import stage_rows
 
 TINY_TRAIN: dict[str, Any] = {
     "seed": 0,
@@ -125,6 +126,7 @@ def make_cohort(root: Path, n_subjects: int = 12, lattice: tuple[int, int, int] 
         else:
             write_npy(layout.patches(sid), patches[i])
         write_json(layout.status("patches", sid), status)
+    write_tsv(layout.stage_table("patches"), stage_rows(sids, "patches", layout))  # what `copdssl qc --stage` writes
     subjects_tsv = layout.subjects()
     with open(subjects_tsv, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")

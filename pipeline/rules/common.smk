@@ -153,6 +153,7 @@ def launcher(wildcards, resources):
 def pool_inputs(wildcards):
     inputs = {
         "subjects": LAYOUT.subjects(),
+        "patches": LAYOUT.stage_table("patches"),
         "grid": LAYOUT.grid(),
         "embeddings": LAYOUT.embeddings_dir(wildcards.run),
     }

@@ -1,5 +1,6 @@
 # Quality control: status tables of the stages that aggregate rules wait on (one input instead of
-# 10,000, so the DAG stays small at 10,000 subjects) and the overall QC table, one row per subject:
+# 10,000, so the DAG stays small at 10,000 subjects; the aggregate stages read their subjects'
+# statuses from it, pipeline.status.passed_in_stage_table) and the overall QC table, one row per subject:
 # ok, or the stage that failed and why (manifest rejections included). The QC table depends on the
 # `patches` table only: a subject's patches status exists once all its earlier stages have run, and
 # `copdssl qc` reads every stage's status files itself.

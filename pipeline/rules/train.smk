@@ -35,6 +35,7 @@ rule train:
 rule train_graph:
     input:
         subjects=LAYOUT.subjects(),
+        patches=LAYOUT.stage_table("patches"),
         grid=LAYOUT.grid(),
         embeddings=LAYOUT.embeddings_dir("{run}"),
     output:
